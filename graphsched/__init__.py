@@ -1,0 +1,34 @@
+"""graphsched: whole-graph communication/computation overlap for Mixture-of-Experts training."""
+
+from graphsched.api import captured_analyses, captured_graphs, captured_plans, explain, unwrap, wrap
+from graphsched.config import GraphschedConfig
+from graphsched.errors import (
+    ConfigError,
+    GraphschedError,
+    GraphschedFallbackWarning,
+    PlanError,
+    PlanMismatchError,
+    ProcessGroupMismatchError,
+)
+from graphsched.plan import ModelPlan, Plan, Task
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "GraphschedConfig",
+    "GraphschedError",
+    "GraphschedFallbackWarning",
+    "ModelPlan",
+    "Plan",
+    "PlanError",
+    "PlanMismatchError",
+    "ProcessGroupMismatchError",
+    "Task",
+    "captured_analyses",
+    "captured_graphs",
+    "captured_plans",
+    "explain",
+    "unwrap",
+    "wrap",
+]

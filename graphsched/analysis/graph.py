@@ -1,0 +1,168 @@
+"""The dependency graph of one captured FX graph, with labels, costs and overlap regions.
+
+``analyse_graph`` turns a GraphModule into a :class:`GraphAnalysis`: a networkx DAG whose nodes are
+FX node names carrying ``kind``, ``phase``, ``op`` and ``cost`` attributes, plus, for every
+collective, the region of compute that neither feeds it nor depends on it (what could run while it
+is in flight) and that region's estimated cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from graphsched.analysis.labels import (
+    GraphKind,
+    NodeKind,
+    Phase,
+    label_phases,
+    node_kind,
+    op_name,
+)
+
+CostFn = Callable[[fx.Node], float]
+
+
+@dataclass
+class CollectiveInfo:
+    """One collective: where it is issued and waited for, and what could overlap it."""
+
+    issue: str
+    wait: str | None
+    op: str
+    nbytes: int
+    #: Compute nodes with no path to the issue and no path from it.
+    independent: list[str] = field(default_factory=list)
+    independent_cost: float = 0.0
+    #: Of those, the weight-gradient ones (Lancet's candidates in backward).
+    independent_weight_grad_cost: float = 0.0
+    cost: float = 0.0
+
+
+@dataclass
+class GraphAnalysis:
+    name: str
+    graph_kind: GraphKind
+    dag: nx.DiGraph
+    order: list[str]
+    collectives: list[CollectiveInfo]
+    graph_hash: str
+
+    def nodes_of_kind(self, kind: NodeKind) -> list[str]:
+        return [n for n in self.order if self.dag.nodes[n]["kind"] == kind]
+
+    def nodes_of_phase(self, phase: Phase) -> list[str]:
+        return [n for n in self.order if self.dag.nodes[n].get("phase") == phase]
+
+    def total_cost(self, kind: NodeKind = NodeKind.COMPUTE) -> float:
+        return sum(self.dag.nodes[n]["cost"] for n in self.order if self.dag.nodes[n]["kind"] == kind)
+
+
+def _meta_signature(node: fx.Node) -> str:
+    val = node.meta.get("val")
+    vals = val if isinstance(val, (tuple, list)) else (val,)
+    parts = []
+    for v in vals:
+        if isinstance(v, torch.Tensor):
+            parts.append(f"{tuple(v.shape)}:{v.dtype}")
+        else:
+            parts.append(type(v).__name__)
+    return ",".join(parts)
+
+
+def graph_hash(graph: fx.Graph) -> str:
+    """Structural hash: ops, argument wiring, constants and output shapes, in graph order.
+
+    Identical on every rank of an SPMD program (node names and process-group names included, as
+    both are deterministic), and different as soon as a shape or an op differs.
+    """
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    h = hashlib.sha256()
+
+    def enc(a: object) -> str:
+        if isinstance(a, fx.Node):
+            return f"%{index[a]}"
+        if isinstance(a, (list, tuple)):
+            return "[" + ",".join(enc(x) for x in a) + "]"
+        if isinstance(a, dict):
+            return "{" + ",".join(f"{k}:{enc(v)}" for k, v in sorted(a.items())) + "}"
+        return repr(a)
+
+    for n in graph.nodes:
+        h.update(f"{n.op}|{op_name(n)}|{enc(n.args)}|{enc(n.kwargs)}|{_meta_signature(n)}\n".encode())
+    return h.hexdigest()
+
+
+def collective_nbytes(node: fx.Node) -> int:
+    """Bytes of the tensor a collective issue node sends (its first tensor input)."""
+    for a in node.args:
+        if isinstance(a, fx.Node):
+            v = a.meta.get("val")
+            if isinstance(v, torch.Tensor):
+                return int(v.numel() * v.element_size())
+    return 0
+
+
+def build_dag(graph: fx.Graph) -> nx.DiGraph:
+    dag = nx.DiGraph()
+    for n in graph.nodes:
+        dag.add_node(n.name)
+        for inp in n.all_input_nodes:
+            dag.add_edge(inp.name, n.name)
+    return dag
+
+
+def analyse_graph(
+    gm: fx.GraphModule,
+    name: str,
+    graph_kind: GraphKind,
+    cost_fn: CostFn,
+    param_grad_positions: Sequence[int] | None = None,
+) -> GraphAnalysis:
+    graph = gm.graph
+    dag = build_dag(graph)
+    phases = label_phases(graph, graph_kind, param_grad_positions)
+    by_name = {n.name: n for n in graph.nodes}
+    for n in graph.nodes:
+        kind = node_kind(n)
+        attrs = dag.nodes[n.name]
+        attrs["kind"] = kind
+        attrs["op"] = op_name(n)
+        attrs["phase"] = phases.get(n.name)
+        attrs["cost"] = float(cost_fn(n)) if kind in (NodeKind.COMPUTE, NodeKind.COLLECTIVE_ISSUE) else 0.0
+
+    collectives: list[CollectiveInfo] = []
+    compute_nodes = [n.name for n in graph.nodes if dag.nodes[n.name]["kind"] == NodeKind.COMPUTE]
+    for n in graph.nodes:
+        if dag.nodes[n.name]["kind"] != NodeKind.COLLECTIVE_ISSUE:
+            continue
+        waits = [u.name for u in n.users if node_kind(u) == NodeKind.COLLECTIVE_WAIT]
+        related = nx.ancestors(dag, n.name) | nx.descendants(dag, n.name)
+        independent = [c for c in compute_nodes if c not in related]
+        collectives.append(
+            CollectiveInfo(
+                issue=n.name,
+                wait=waits[0] if waits else None,
+                op=op_name(n),
+                nbytes=collective_nbytes(by_name[n.name]),
+                independent=independent,
+                independent_cost=sum(dag.nodes[c]["cost"] for c in independent),
+                independent_weight_grad_cost=sum(
+                    dag.nodes[c]["cost"] for c in independent if dag.nodes[c]["phase"] == Phase.WEIGHT_GRAD
+                ),
+                cost=dag.nodes[n.name]["cost"],
+            )
+        )
+    return GraphAnalysis(
+        name=name,
+        graph_kind=graph_kind,
+        dag=dag,
+        order=[n.name for n in graph.nodes],
+        collectives=collectives,
+        graph_hash=graph_hash(graph),
+    )

@@ -1,0 +1,160 @@
+"""Classify the nodes of an aten-level FX graph: what kind of work, and which phase of training.
+
+Kinds: ``compute`` (does arithmetic), ``view`` (metadata only: view, permute, getitem, ...),
+``collective_issue`` (starts an asynchronous collective), ``collective_wait`` (blocks until one
+finishes), ``placeholder`` and ``output``.
+
+Phases: ``forward`` for every node of a forward or inference graph. In a backward graph a node is
+``weight_grad`` when everything it computes flows into the gradient of exactly one parameter and
+into no collective: nothing else waits for it, so it can be deferred to overlap communication
+(Lancet's dW). Every other backward node is ``input_grad``: it lies on the chain of activation
+gradients that the next collective, or the next layer, waits for.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from enum import Enum
+from typing import Sequence
+
+import torch
+import torch.fx as fx
+
+
+class NodeKind(str, Enum):
+    COMPUTE = "compute"
+    VIEW = "view"
+    COLLECTIVE_ISSUE = "collective_issue"
+    COLLECTIVE_WAIT = "collective_wait"
+    PLACEHOLDER = "placeholder"
+    OUTPUT = "output"
+
+
+class Phase(str, Enum):
+    FORWARD = "forward"
+    INPUT_GRAD = "input_grad"
+    WEIGHT_GRAD = "weight_grad"
+
+
+class GraphKind(str, Enum):
+    FORWARD = "forward"
+    BACKWARD = "backward"
+    INFERENCE = "inference"
+
+
+_COLLECTIVE_NAMESPACES = ("_c10d_functional", "_c10d_functional_autograd")
+_WAIT_NAMES = ("wait_tensor",)
+
+# Ops whose schema does not mark them as views but which only rewrite metadata.
+_METADATA_ONLY = {
+    "aten::_unsafe_view",
+    "aten::alias",
+    "aten::detach",
+    "aten::lift_fresh_copy",
+    "aten::sym_size",
+    "aten::sym_stride",
+    "aten::sym_numel",
+}
+
+
+def _op_name(target: object) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return target.name()
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return str(target)
+    return getattr(target, "__name__", str(target))
+
+
+def node_kind(node: fx.Node) -> NodeKind:
+    if node.op == "placeholder":
+        return NodeKind.PLACEHOLDER
+    if node.op == "output":
+        return NodeKind.OUTPUT
+    if node.op != "call_function":
+        # get_attr / call_module / call_method do not appear in AOTAutograd graphs; treat them as
+        # compute so that they are never reordered past something they might depend on.
+        return NodeKind.COMPUTE
+    target = node.target
+    if target is operator.getitem:
+        return NodeKind.VIEW
+    if isinstance(target, torch._ops.OpOverload):
+        if target.namespace in _COLLECTIVE_NAMESPACES:
+            if target._schema.name.split("::")[-1] in _WAIT_NAMES:
+                return NodeKind.COLLECTIVE_WAIT
+            return NodeKind.COLLECTIVE_ISSUE
+        if getattr(target, "is_view", False) or target.name() in _METADATA_ONLY:
+            return NodeKind.VIEW
+    return NodeKind.COMPUTE
+
+
+def op_name(node: fx.Node) -> str:
+    return _op_name(node.target) if node.op == "call_function" else node.op
+
+
+@dataclass(frozen=True)
+class _Many:
+    """Marker: a node's results reach more than one gradient, or a collective."""
+
+
+_MANY = _Many()
+
+
+def label_phases(
+    graph: fx.Graph,
+    graph_kind: GraphKind,
+    param_grad_positions: Sequence[int] | None,
+) -> dict[str, Phase]:
+    """Phase of every compute/view/collective node of ``graph``.
+
+    ``param_grad_positions`` lists the positions of the backward graph's outputs that are parameter
+    gradients (the backward outputs line up one to one with the forward's primal inputs). With
+    ``None`` nothing is labelled weight-gradient (conservative: nothing is deferred).
+    """
+    nodes = list(graph.nodes)
+    if graph_kind != GraphKind.BACKWARD:
+        return {n.name: Phase.FORWARD for n in nodes if n.op == "call_function"}
+
+    param_positions = set(param_grad_positions or ())
+    # reach[node] is None (reaches no gradient), an int (the single parameter-gradient position it
+    # reaches) or _MANY (several, an input gradient, or a collective).
+    reach: dict[fx.Node, object] = {}
+
+    def merge(a: object, b: object) -> object:
+        if a is None:
+            return b
+        if b is None or a == b:
+            return a
+        return _MANY
+
+    for node in reversed(nodes):
+        if node.op == "output":
+            continue
+        acc: object = None
+        for user in node.users:
+            if user.op == "output":
+                outs = user.args[0]
+                outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+                for pos, out in enumerate(outs):
+                    if out is node:
+                        acc = merge(acc, pos if pos in param_positions else _MANY)
+            elif node_kind(user) in (NodeKind.COLLECTIVE_ISSUE, NodeKind.COLLECTIVE_WAIT):
+                acc = _MANY
+            else:
+                acc = merge(acc, reach.get(user))
+            if acc is _MANY:
+                break
+        reach[node] = acc
+
+    phases: dict[str, Phase] = {}
+    for node in nodes:
+        if node.op != "call_function":
+            continue
+        r = reach.get(node)
+        single_param = isinstance(r, int) and not isinstance(r, bool)
+        kind = node_kind(node)
+        if single_param and kind in (NodeKind.COMPUTE, NodeKind.VIEW):
+            phases[node.name] = Phase.WEIGHT_GRAD
+        else:
+            phases[node.name] = Phase.INPUT_GRAD
+    return phases

@@ -1,0 +1,162 @@
+"""The public entry points: ``wrap``, ``unwrap`` and ``explain``.
+
+``wrap`` compiles the model in place (like ``nn.Module.compile``): the object, its parameters and
+its ``state_dict`` keys stay the same, so any optimizer, checkpoint or training loop keeps working;
+only ``model(...)`` now runs graphsched's captured and scheduled graphs.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import IO, Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from graphsched.analysis.graph import CostFn, GraphAnalysis
+from graphsched.analysis.report import render_report
+from graphsched.capture import CaptureLog, GraphschedBackend, Planner
+from graphsched.config import GraphschedConfig
+from graphsched.errors import ConfigError, GraphschedError
+from graphsched.plan import Plan
+from graphsched.runtime.groups import GroupFingerprint, check_same_groups, fingerprint, group_slots
+
+_STATE_ATTR = "_graphsched"
+
+
+@dataclass
+class GraphschedState:
+    """What graphsched keeps on a wrapped model."""
+
+    config: GraphschedConfig
+    capture: CaptureLog
+    groups: GroupFingerprint
+    group_slots: list
+    compiled: Callable[..., Any]
+
+
+class _GuardedCall:
+    """Checks the process groups, then runs the compiled call (installed as ``_compiled_call_impl``)."""
+
+    def __init__(self, state: GraphschedState) -> None:
+        self.state = state
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.state.config.check_process_groups:
+            check_same_groups(self.state.groups, fingerprint(self.state.group_slots))
+        return self.state.compiled(*args, **kwargs)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def default_cost_fn(device: torch.device) -> CostFn:
+    from graphsched.analysis.costmodel import DeviceSpec, analytic_cost
+
+    spec = DeviceSpec.detect(device)
+    return lambda node: analytic_cost(node, spec)
+
+
+def make_planner(config: GraphschedConfig) -> Planner:
+    from graphsched.partition.plans import simple_plan
+
+    if config.schedule in ("identity", "reverse_independent"):
+        return lambda analysis, gm: simple_plan(analysis, gm, config.schedule)
+    raise ConfigError(f"schedule={config.schedule!r} is not available in this build; use 'identity'.")
+
+
+def wrap(
+    model: nn.Module,
+    config: GraphschedConfig | None = None,
+    *,
+    planner: Planner | None = None,
+    cost_fn: CostFn | None = None,
+    **options: Any,
+) -> nn.Module:
+    """Make ``model`` run its forward and backward as graphsched-scheduled graphs.
+
+    Returns the same module object (compiled in place). Options are GraphschedConfig fields, e.g.
+    ``wrap(model, schedule="identity")``; ``planner`` and ``cost_fn`` replace the planning and cost
+    steps (for experiments and tests).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"graphsched.wrap expects a torch.nn.Module, got {type(model).__name__}.")
+    if config is None:
+        config = GraphschedConfig.from_options(**options)
+    elif options:
+        config = config.replace(**options)
+    if getattr(model, _STATE_ATTR, None) is not None:
+        unwrap(model)
+    log = CaptureLog()
+    backend = GraphschedBackend(
+        config,
+        planner or make_planner(config),
+        cost_fn or default_cost_fn(_model_device(model)),
+        log,
+    )
+    # dynamic=False: a new input shape recompiles into new static-shape graphs, which the cost
+    # model and planner can reason about, instead of symbolic-shape graphs.
+    compiled = torch.compile(model._call_impl, backend=backend, fullgraph=config.fullgraph, dynamic=False)
+    slots = group_slots(model)
+    state = GraphschedState(config, log, fingerprint(slots), slots, compiled)
+    setattr(model, _STATE_ATTR, state)
+    model._compiled_call_impl = _GuardedCall(state)  # the hook nn.Module.compile uses
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Undo ``wrap``: the model runs eagerly again."""
+    if getattr(model, _STATE_ATTR, None) is None:
+        return model
+    model._compiled_call_impl = None
+    setattr(model, _STATE_ATTR, None)
+    return model
+
+
+def state_of(model: nn.Module) -> GraphschedState:
+    # DeepSpeed's engine and DDP keep the wrapped model as .module.
+    inner = model
+    while getattr(inner, _STATE_ATTR, None) is None and isinstance(getattr(inner, "module", None), nn.Module):
+        inner = inner.module
+    state = getattr(inner, _STATE_ATTR, None)
+    if state is None:
+        raise GraphschedError(
+            "this model is not wrapped by graphsched; call graphsched.wrap(model) first."
+        )
+    return state
+
+
+def captured_analyses(model: nn.Module) -> list[GraphAnalysis]:
+    return [g.analysis for g in state_of(model).capture.graphs if g.analysis is not None]
+
+
+def captured_plans(model: nn.Module) -> dict[str, Plan]:
+    return {g.name: g.plan for g in state_of(model).capture.graphs if g.plan is not None}
+
+
+def captured_graphs(model: nn.Module) -> dict[str, fx.GraphModule]:
+    return {g.name: g.gm for g in state_of(model).capture.graphs}
+
+
+def explain(model: nn.Module, file: IO[str] | None = sys.stdout) -> str:
+    """Print (and return) what graphsched captured: node labels, collectives, overlap regions."""
+    state = state_of(model)
+    graphs = state.capture.graphs
+    if not graphs:
+        raise GraphschedError(
+            "graphsched has not captured anything yet: run one forward (and backward) step of the "
+            "wrapped model, then call graphsched.explain(model)."
+        )
+    header = (
+        f"graphsched: {len(graphs)} graph(s) captured, schedule={state.config.schedule!r}"
+        + "".join(f"\n  {g.name}: runs unscheduled ({g.fallback_reason})" for g in graphs if g.fallback_reason)
+    )
+    text = render_report([g.analysis for g in graphs if g.analysis is not None], header)
+    if file is not None:
+        print(text, file=file)
+    return text

@@ -1,0 +1,176 @@
+"""Capture: turn a module's forward and backward into aten FX graphs and hand them to graphsched.
+
+``torch.compile`` (Dynamo) captures the Python forward; AOTAutograd splits it into a forward and a
+backward graph in aten IR, with functional collectives as separate issue (``all_to_all_single``)
+and wait (``wait_tensor``) nodes. graphsched is the AOTAutograd "compiler": for every graph it
+analyses, plans and returns a :class:`GraphExecutor` that runs the graph in the plan's order.
+
+The default partitioner is used (every intermediate the backward needs is saved, nothing is
+recomputed), so the backward runs exactly the ops eager autograd would.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.partitioners import default_partition
+
+from graphsched.analysis.graph import CostFn, GraphAnalysis, analyse_graph
+from graphsched.analysis.labels import GraphKind
+from graphsched.config import GraphschedConfig
+from graphsched.errors import GraphschedFallbackWarning
+from graphsched.plan import Plan
+from graphsched.runtime.executor import GraphExecutor
+
+log = logging.getLogger("graphsched.capture")
+
+#: Chooses the plan of one analysed graph: (analysis, graph module) -> Plan.
+Planner = Callable[[GraphAnalysis, fx.GraphModule], Plan]
+
+
+@dataclass
+class CapturedGraph:
+    """One graph graphsched was handed, what it learnt about it and how it runs it."""
+
+    name: str
+    kind: GraphKind
+    gm: fx.GraphModule
+    analysis: GraphAnalysis | None
+    plan: Plan | None
+    #: Why the graph runs unscheduled (None when it runs under a plan).
+    fallback_reason: str | None = None
+
+
+@dataclass
+class CaptureLog:
+    """Every graph captured for one wrapped model, in capture order."""
+
+    graphs: list[CapturedGraph] = field(default_factory=list)
+    dynamo_graphs: int = 0
+
+    def latest(self, kind: GraphKind) -> CapturedGraph | None:
+        for g in reversed(self.graphs):
+            if g.kind == kind:
+                return g
+        return None
+
+
+def _boxed(gm: fx.GraphModule) -> Callable[[list[Any]], Any]:
+    def run(args: list[Any]) -> Any:
+        values = list(args)
+        args.clear()
+        return gm(*values)
+
+    run._boxed_call = True  # type: ignore[attr-defined]
+    return run
+
+
+def _device_of(example_inputs: Sequence[Any]) -> torch.device:
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor):
+            return x.device
+    return torch.device("cpu")
+
+
+def _output_count(gm: fx.GraphModule) -> int:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    args = out.args[0]
+    return len(args) if isinstance(args, (tuple, list)) else 1
+
+
+class GraphschedBackend:
+    """The torch.compile backend: AOTAutograd with graphsched compiling every graph it produces."""
+
+    def __init__(
+        self,
+        config: GraphschedConfig,
+        planner: Planner,
+        cost_fn: CostFn,
+        log_: CaptureLog,
+    ) -> None:
+        self.config = config
+        self.planner = planner
+        self.cost_fn = cost_fn
+        self.log = log_
+        self._warned = False
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        gid = self.log.dynamo_graphs
+        self.log.dynamo_graphs += 1
+        # AOTAutograd's flat inputs are the graph module's own parameters and buffers, then the
+        # example inputs; the backward returns one gradient per flat input, in the same order.
+        n_params = sum(1 for _ in gm.parameters())
+        n_buffers = sum(1 for _ in gm.buffers())
+        param_mask = [True] * n_params + [False] * n_buffers + [
+            isinstance(x, torch.nn.Parameter) for x in example_inputs
+        ]
+        device = _device_of(example_inputs)
+        compile_ = partial(self._compile, gid, param_mask, device)
+        backend = aot_autograd(
+            fw_compiler=partial(compile_, GraphKind.FORWARD),
+            bw_compiler=partial(compile_, GraphKind.BACKWARD),
+            inference_compiler=partial(compile_, GraphKind.INFERENCE),
+            partition_fn=default_partition,
+        )
+        return backend(gm, example_inputs)
+
+    def _compile(
+        self,
+        gid: int,
+        param_mask: list[bool],
+        device: torch.device,
+        kind: GraphKind,
+        gm: fx.GraphModule,
+        example_inputs: Sequence[Any],
+    ) -> Callable[[list[Any]], Any]:
+        name = f"g{gid}.{kind.value}"
+        positions: list[int] | None = None
+        if kind == GraphKind.BACKWARD:
+            if _output_count(gm) == len(param_mask):
+                positions = [i for i, is_param in enumerate(param_mask) if is_param]
+            else:
+                log.info("%s: cannot line up backward outputs with parameters; no dW labels", name)
+        try:
+            analysis = analyse_graph(gm, name, kind, self.cost_fn, positions)
+        except Exception as exc:  # noqa: BLE001 - any analysis failure falls back, never crashes
+            return self._fallback(name, kind, gm, None, f"analysis failed ({type(exc).__name__}: {exc})")
+        if not analysis.collectives:
+            # Nothing to overlap: run the graph as captured, no interpretation overhead.
+            self.log.graphs.append(CapturedGraph(name, kind, gm, analysis, None, "no collectives"))
+            return _boxed(gm)
+        try:
+            plan = self.planner(analysis, gm)
+            executor = GraphExecutor(
+                gm,
+                plan,
+                device=device,
+                use_comm_stream=self.config.use_comm_stream,
+                free_after_last_use=self.config.free_after_last_use,
+            )
+        except Exception as exc:  # noqa: BLE001
+            return self._fallback(name, kind, gm, analysis, f"planning failed ({type(exc).__name__}: {exc})")
+        self.log.graphs.append(CapturedGraph(name, kind, gm, analysis, plan))
+        log.info("%s: %d nodes, %d collectives, %d tasks (%s)", name, len(analysis.order),
+                 len(analysis.collectives), len(plan.tasks), plan.options.get("schedule"))
+        return executor
+
+    def _fallback(
+        self, name: str, kind: GraphKind, gm: fx.GraphModule, analysis: GraphAnalysis | None, reason: str
+    ) -> Callable[[list[Any]], Any]:
+        self.log.graphs.append(CapturedGraph(name, kind, gm, analysis, None, reason))
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"graphsched: graph {name} runs unscheduled (same results as eager, no overlap): "
+                f"{reason}. Please report the model if you expected it to be scheduled.",
+                GraphschedFallbackWarning,
+                stacklevel=2,
+            )
+        return _boxed(gm)

@@ -1,0 +1,65 @@
+"""User-facing configuration of graphsched (a plain dataclass, validated on construction)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from graphsched.errors import ConfigError
+
+#: Orders the scheduler knows. ``identity`` replays the captured order; ``reverse_independent`` is a
+#: deliberately different valid order used to prove the runtime is order-agnostic; ``ilp`` solves for
+#: the fastest order (needs the partition package).
+SCHEDULES = ("identity", "reverse_independent", "ilp")
+
+
+@dataclass
+class GraphschedConfig:
+    schedule: str = "identity"
+    #: Passed to torch.compile: True makes a graph break an error instead of several smaller graphs.
+    fullgraph: bool = False
+    #: On CUDA, run communication tasks on their own stream (events order the two streams).
+    use_comm_stream: bool = True
+    #: Time limit of the ILP solver, seconds.
+    solver_time_limit_s: float = 20.0
+    #: Largest number of micro-chunks a region may be cut into.
+    max_chunks: int = 8
+    #: Use this plan file as it is instead of planning.
+    plan_file: str | None = None
+    #: Where measured costs and solved plans are cached (None: ~/.cache/graphsched).
+    cache_dir: str | None = None
+    #: Check on every call that the process groups are those the graphs were captured with.
+    check_process_groups: bool = True
+    #: Free each intermediate tensor right after its last use, as the captured graph does.
+    free_after_last_use: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"schedule={self.schedule!r} is not known; use one of {', '.join(SCHEDULES)}."
+            )
+        if not (self.solver_time_limit_s > 0):
+            raise ConfigError(
+                f"solver_time_limit_s={self.solver_time_limit_s!r} must be > 0 seconds "
+                "(e.g. 20.0)."
+            )
+        if not isinstance(self.max_chunks, int) or not (1 <= self.max_chunks <= 64):
+            raise ConfigError(
+                f"max_chunks={self.max_chunks!r} must be an integer in 1..64 (8 is a good limit)."
+            )
+
+    @classmethod
+    def from_options(cls, **options: Any) -> "GraphschedConfig":
+        """Build a config from keyword options, naming any unknown option and the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown graphsched option(s) {unknown}; known options are {sorted(known)}."
+            )
+        return cls(**options)
+
+    def replace(self, **changes: Any) -> "GraphschedConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,27 @@
+"""Exceptions and warnings raised by graphsched; every message names the fix."""
+
+from __future__ import annotations
+
+
+class GraphschedError(RuntimeError):
+    """Base class of every error graphsched raises on purpose."""
+
+
+class ConfigError(GraphschedError, ValueError):
+    """A configuration value is out of range or inconsistent."""
+
+
+class PlanError(GraphschedError):
+    """A plan does not fit the graph it is applied to (missing nodes, not topological, ...)."""
+
+
+class PlanMismatchError(GraphschedError):
+    """Ranks hold different plans; running them would deadlock the collectives."""
+
+
+class ProcessGroupMismatchError(GraphschedError):
+    """The wrapped model is called under other process groups than it was captured with."""
+
+
+class GraphschedFallbackWarning(UserWarning):
+    """A graph could not be scheduled and runs unscheduled (same numerics as eager)."""

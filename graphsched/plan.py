@@ -1,0 +1,118 @@
+"""The Plan: what the runtime executes for one captured graph, as plain, JSON-serialisable data.
+
+A plan is an ordered list of tasks. Each task is a list of FX node names (run in that order) bound
+to a stream. The runtime issues tasks in list order; on CUDA, tasks on different streams run
+concurrently, ordered only by the data dependencies between them (events). Every rank must hold the
+same plan: gloo and NCCL match collectives by issue order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+PLAN_FORMAT_VERSION = 1
+
+COMPUTE_STREAM = "compute"
+COMM_STREAM = "comm"
+STREAMS = (COMPUTE_STREAM, COMM_STREAM)
+
+
+@dataclass
+class Task:
+    """A run of graph nodes executed back to back on one stream."""
+
+    name: str
+    nodes: list[str]
+    stream: str = COMPUTE_STREAM
+    #: compute | collective_issue | collective_wait | view
+    kind: str = "compute"
+    #: forward | input_grad | weight_grad
+    phase: str = "forward"
+    #: Predicted start and end, seconds from the start of the graph (None when not predicted).
+    start: float | None = None
+    end: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.stream not in STREAMS:
+            raise ValueError(f"task {self.name!r}: stream {self.stream!r} is not one of {STREAMS}")
+
+
+@dataclass
+class Plan:
+    """The execution plan of one captured graph (forward, backward or inference)."""
+
+    graph_name: str
+    #: Hash of the graph's structure (ops, shapes, edges); a plan is only valid for that graph.
+    graph_hash: str
+    tasks: list[Task]
+    #: How the plan was chosen (schedule name, chunk counts, solver status, ...).
+    options: dict[str, Any] = field(default_factory=dict)
+    #: The cost numbers the plan was chosen from (node name -> seconds), for reproducibility.
+    costs: dict[str, float] = field(default_factory=dict)
+    predicted_time: float | None = None
+    version: int = PLAN_FORMAT_VERSION
+
+    def node_order(self) -> list[str]:
+        return [n for t in self.tasks for n in t.nodes]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        version = data.get("version")
+        if version != PLAN_FORMAT_VERSION:
+            raise ValueError(
+                f"plan format version {version!r} is not supported (this graphsched reads "
+                f"version {PLAN_FORMAT_VERSION}); re-plan with this version of graphsched."
+            )
+        fields = dict(data)
+        fields["tasks"] = [Task(**t) for t in data["tasks"]]
+        return cls(**fields)
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls.from_dict(json.loads(text))
+
+    def content_hash(self) -> str:
+        """Hash of everything that decides execution: graph, task order, nodes and streams.
+
+        Predicted times and cost numbers are left out on purpose: two ranks that measured slightly
+        different costs but chose the same order run the same collectives in the same order.
+        """
+        decisive = {
+            "version": self.version,
+            "graph_hash": self.graph_hash,
+            "tasks": [(t.stream, t.nodes) for t in self.tasks],
+        }
+        blob = json.dumps(decisive, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+@dataclass
+class ModelPlan:
+    """The plans of every graph of a wrapped model, saved and loaded as one JSON file."""
+
+    plans: dict[str, Plan] = field(default_factory=dict)
+    version: int = PLAN_FORMAT_VERSION
+
+    def to_json(self, indent: int | None = 1) -> str:
+        data = {"version": self.version, "plans": {k: p.to_dict() for k, p in self.plans.items()}}
+        return json.dumps(data, indent=indent, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelPlan":
+        data = json.loads(text)
+        if data.get("version") != PLAN_FORMAT_VERSION:
+            raise ValueError(
+                f"plan file version {data.get('version')!r} is not supported; re-plan with this "
+                "version of graphsched."
+            )
+        return cls(plans={k: Plan.from_dict(v) for k, v in data["plans"].items()})
