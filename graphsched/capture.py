@@ -46,6 +46,8 @@ class CapturedGraph:
     plan: Plan | None
     #: Why the graph runs unscheduled (None when it runs under a plan).
     fallback_reason: str | None = None
+    #: Backward graphs: the output positions that are parameter gradients.
+    param_grad_positions: list[int] | None = None
 
 
 @dataclass
@@ -143,7 +145,7 @@ class GraphschedBackend:
             return self._fallback(name, kind, gm, None, f"analysis failed ({type(exc).__name__}: {exc})")
         if not analysis.collectives:
             # Nothing to overlap: run the graph as captured, no interpretation overhead.
-            self.log.graphs.append(CapturedGraph(name, kind, gm, analysis, None, "no collectives"))
+            self.log.graphs.append(CapturedGraph(name, kind, gm, analysis, None, "no collectives", positions))
             return _boxed(gm)
         try:
             plan = self.planner(analysis, gm)
@@ -156,7 +158,7 @@ class GraphschedBackend:
             )
         except Exception as exc:  # noqa: BLE001
             return self._fallback(name, kind, gm, analysis, f"planning failed ({type(exc).__name__}: {exc})")
-        self.log.graphs.append(CapturedGraph(name, kind, gm, analysis, plan))
+        self.log.graphs.append(CapturedGraph(name, kind, gm, analysis, plan, None, positions))
         log.info("%s: %d nodes, %d collectives, %d tasks (%s)", name, len(analysis.order),
                  len(analysis.collectives), len(plan.tasks), plan.options.get("schedule"))
         return executor

@@ -51,6 +51,8 @@ class ParityResult:
     #: Per-graph counts: name -> {"collectives": n, "weight_grad": n, ...}.
     graph_stats: dict[str, dict[str, int]] = field(default_factory=dict)
     dropped_tokens: int = 0
+    #: Violations of the phase-label rules in backward graphs (empty when labels are right).
+    label_problems: list[str] = field(default_factory=list)
 
     @property
     def losses_bitwise_equal(self) -> bool:
@@ -101,7 +103,8 @@ def _count_dropped(model: torch.nn.Module, idx: torch.Tensor) -> int:
 def run_parity(rank: int, world_size: int, spec: ParitySpec) -> ParityResult:
     """Per-rank body (for graphsched.testing.run_distributed)."""
     import graphsched
-    from graphsched.analysis.labels import NodeKind, Phase
+    from graphsched.analysis.labels import GraphKind, NodeKind, Phase
+    from graphsched.testing.checks import phase_label_violations
     from graphsched.models import get_preset, make_batch
 
     device = torch.device(spec.device if spec.device != "cuda" else f"cuda:{torch.cuda.current_device()}")
@@ -161,7 +164,14 @@ def run_parity(rank: int, world_size: int, spec: ParitySpec) -> ParityResult:
             "input_grad": phases.count(Phase.INPUT_GRAD),
             "scheduled": int(g.plan is not None),
         }
+        if g.analysis.graph_kind == GraphKind.BACKWARD and g.param_grad_positions is not None:
+            result.label_problems += phase_label_violations(g.analysis, g.gm, set(g.param_grad_positions))
     if spec.collect_report and rank == 0:
         result.report = graphsched.explain(wrapped, file=None)
         result.plans_json = {name: p.to_json() for name, p in graphsched.captured_plans(wrapped).items()}
     return result
+
+
+def run_parity_many(rank: int, world_size: int, specs: list[ParitySpec]) -> list[ParityResult]:
+    """Several parity runs in one set of processes (process start-up dominates small runs)."""
+    return [run_parity(rank, world_size, spec) for spec in specs]
