@@ -67,7 +67,11 @@ def make_planner(config: GraphschedConfig) -> Planner:
 
     if config.schedule in ("identity", "reverse_independent"):
         return lambda analysis, gm: simple_plan(analysis, gm, config.schedule)
-    raise ConfigError(f"schedule={config.schedule!r} is not available in this build; use 'identity'.")
+    if config.schedule == "ilp":
+        from graphsched.partition.planner import IlpPlanner
+
+        return IlpPlanner.from_config(config)
+    raise ConfigError(f"schedule={config.schedule!r} has no planner; use one of identity, ilp.")
 
 
 def wrap(

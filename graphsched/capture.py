@@ -25,8 +25,9 @@ from torch._functorch.partitioners import default_partition
 from graphsched.analysis.graph import CostFn, GraphAnalysis, analyse_graph
 from graphsched.analysis.labels import GraphKind
 from graphsched.config import GraphschedConfig
-from graphsched.errors import GraphschedFallbackWarning
+from graphsched.errors import ConfigError, GraphschedFallbackWarning, PlanMismatchError
 from graphsched.plan import Plan
+from graphsched.runtime.agreement import verify_same_plan
 from graphsched.runtime.executor import GraphExecutor
 
 log = logging.getLogger("graphsched.capture")
@@ -155,7 +156,10 @@ class GraphschedBackend:
                 device=device,
                 use_comm_stream=self.config.use_comm_stream,
                 free_after_last_use=self.config.free_after_last_use,
+                verify_plan=verify_same_plan,
             )
+        except (ConfigError, PlanMismatchError):
+            raise  # the user asked for something impossible: say so, do not silently fall back
         except Exception as exc:  # noqa: BLE001
             return self._fallback(name, kind, gm, analysis, f"planning failed ({type(exc).__name__}: {exc})")
         self.log.graphs.append(CapturedGraph(name, kind, gm, analysis, plan, None, positions))

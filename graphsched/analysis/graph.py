@@ -20,7 +20,9 @@ from graphsched.analysis.labels import (
     GraphKind,
     NodeKind,
     Phase,
+    gradient_reach,
     label_phases,
+    weight_grad_target,
     node_kind,
     op_name,
 )
@@ -127,6 +129,7 @@ def analyse_graph(
     graph = gm.graph
     dag = build_dag(graph)
     phases = label_phases(graph, graph_kind, param_grad_positions)
+    reach = gradient_reach(graph, param_grad_positions) if graph_kind == GraphKind.BACKWARD else {}
     by_name = {n.name: n for n in graph.nodes}
     for n in graph.nodes:
         kind = node_kind(n)
@@ -134,6 +137,9 @@ def analyse_graph(
         attrs["kind"] = kind
         attrs["op"] = op_name(n)
         attrs["phase"] = phases.get(n.name)
+        # Which parameter's gradient a weight-gradient node feeds (per-parameter dW chains are
+        # independent of each other, so the scheduler may move each on its own).
+        attrs["grad_target"] = weight_grad_target(reach.get(n.name)) if attrs["phase"] == Phase.WEIGHT_GRAD else None
         attrs["cost"] = float(cost_fn(n)) if kind in (NodeKind.COMPUTE, NodeKind.COLLECTIVE_ISSUE) else 0.0
 
     collectives: list[CollectiveInfo] = []

@@ -100,24 +100,12 @@ class _Many:
 _MANY = _Many()
 
 
-def label_phases(
-    graph: fx.Graph,
-    graph_kind: GraphKind,
-    param_grad_positions: Sequence[int] | None,
-) -> dict[str, Phase]:
-    """Phase of every compute/view/collective node of ``graph``.
-
-    ``param_grad_positions`` lists the positions of the backward graph's outputs that are parameter
-    gradients (the backward outputs line up one to one with the forward's primal inputs). With
-    ``None`` nothing is labelled weight-gradient (conservative: nothing is deferred).
-    """
-    nodes = list(graph.nodes)
-    if graph_kind != GraphKind.BACKWARD:
-        return {n.name: Phase.FORWARD for n in nodes if n.op == "call_function"}
-
+def gradient_reach(graph: fx.Graph, param_grad_positions: Sequence[int] | None) -> dict[str, object]:
+    """For every node of a backward graph: the single parameter-gradient output position it
+    reaches (an int), ``None`` when it reaches no output, or a marker object when it reaches
+    several outputs, an input gradient or a collective."""
     param_positions = set(param_grad_positions or ())
-    # reach[node] is None (reaches no gradient), an int (the single parameter-gradient position it
-    # reaches) or _MANY (several, an input gradient, or a collective).
+    nodes = list(graph.nodes)
     reach: dict[fx.Node, object] = {}
 
     def merge(a: object, b: object) -> object:
@@ -145,15 +133,36 @@ def label_phases(
             if acc is _MANY:
                 break
         reach[node] = acc
+    return {n.name: r for n, r in reach.items()}
 
+
+def weight_grad_target(reach: object) -> int | None:
+    """The parameter-gradient position a weight-gradient node feeds, else None."""
+    if isinstance(reach, int) and not isinstance(reach, bool):
+        return reach
+    return None
+
+
+def label_phases(
+    graph: fx.Graph,
+    graph_kind: GraphKind,
+    param_grad_positions: Sequence[int] | None,
+) -> dict[str, Phase]:
+    """Phase of every call_function node of ``graph``.
+
+    ``param_grad_positions`` lists the positions of the backward graph's outputs that are parameter
+    gradients (the backward outputs line up one to one with the forward's primal inputs). With
+    ``None`` nothing is labelled weight-gradient (conservative: nothing is deferred).
+    """
+    if graph_kind != GraphKind.BACKWARD:
+        return {n.name: Phase.FORWARD for n in graph.nodes if n.op == "call_function"}
+    reach = gradient_reach(graph, param_grad_positions)
     phases: dict[str, Phase] = {}
-    for node in nodes:
+    for node in graph.nodes:
         if node.op != "call_function":
             continue
-        r = reach.get(node)
-        single_param = isinstance(r, int) and not isinstance(r, bool)
-        kind = node_kind(node)
-        if single_param and kind in (NodeKind.COMPUTE, NodeKind.VIEW):
+        single_param = weight_grad_target(reach.get(node.name)) is not None
+        if single_param and node_kind(node) in (NodeKind.COMPUTE, NodeKind.VIEW):
             phases[node.name] = Phase.WEIGHT_GRAD
         else:
             phases[node.name] = Phase.INPUT_GRAD

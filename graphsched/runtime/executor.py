@@ -11,7 +11,7 @@ runtime does, so saved activations are freed during backward.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -111,6 +111,7 @@ class GraphExecutor:
         device: torch.device | None = None,
         use_comm_stream: bool = True,
         free_after_last_use: bool = True,
+        verify_plan: Callable[[Plan], None] | None = None,
     ) -> None:
         # An instance attribute: AOTAutograd wraps compiled functions with functools.wraps, which
         # copies the instance __dict__ but not class attributes.
@@ -178,6 +179,8 @@ class GraphExecutor:
         self._output = _to_refs(output.args[0], index)
         self._device = device
         self._streams: StreamSet | None = None
+        # Checked once, on the first call, when every rank runs this graph for the first time.
+        self._verify_plan = verify_plan
 
     def _stream_set(self) -> StreamSet | None:
         if not self._uses_streams or self._device is None or self._device.type != "cuda":
@@ -190,6 +193,9 @@ class GraphExecutor:
     def __call__(self, args: list[Any]) -> Any:
         if len(args) != self._n_inputs:
             raise PlanError(f"graph {self.plan.graph_name!r} expects {self._n_inputs} inputs, got {len(args)}")
+        if self._verify_plan is not None:
+            verify, self._verify_plan = self._verify_plan, None
+            verify(self.plan)
         env: list[Any] = [None] * self._n_slots
         env[: self._n_inputs] = args
         # Boxed convention: drop the caller's references so that inputs die at their last use.

@@ -1,0 +1,165 @@
+"""Expert-parallel MoE feed-forward layer: gate, dispatch all-to-all, batched experts, combine.
+
+With an expert-parallel group of size W, rank r holds the experts ``r*E_local .. (r+1)*E_local - 1``
+(``E_local = num_experts / W``). The layer runs
+
+    gate -> dispatch einsum [E, C, d] -> all-to-all -> experts (bmm over [E_local, W*C, d])
+         -> all-to-all back -> combine einsum [T, d]
+
+Both all-to-alls are ``_functional_collectives.all_to_all_single_autograd`` with even splits, so a
+captured graph shows each one as an issue node followed by a wait node, in the forward and the
+backward graph. The dispatched tensor is ordered by global expert index, so splitting its first dim
+evenly over W ranks sends each rank exactly the slots of its own experts.
+
+Without a group (``process_group=None``) or with a group of size 1 there is no collective: the layer
+holds every expert and is a plain single-process MoE.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed import _functional_collectives as funcol
+
+from graphsched.errors import ConfigError
+from graphsched.models.gating import TopKGate
+
+
+def group_size_and_rank(process_group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """(size, rank in group) of an expert-parallel group; (1, 0) for no group."""
+    if process_group is None:
+        return 1, 0
+    return dist.get_world_size(process_group), dist.get_rank(process_group)
+
+
+def check_expert_split(num_experts: int, ep_size: int) -> None:
+    if num_experts % ep_size != 0:
+        raise ConfigError(
+            f"num_experts={num_experts} cannot be split over an expert-parallel group of "
+            f"{ep_size} ranks; choose num_experts a multiple of the world size (e.g. "
+            f"{ep_size * max(1, num_experts // ep_size)})."
+        )
+
+
+@torch.no_grad()
+def normal_on_cpu_(
+    tensor: torch.Tensor, std: float, generator: torch.Generator | None = None
+) -> None:
+    """Fill ``tensor`` with N(0, std) drawn in float32 on a CPU generator (the global one if None).
+
+    Drawing on the CPU whatever the tensor's device or dtype gives the same weights whether the
+    model is built on the CPU, under ``with torch.device("cuda")``, or in bfloat16.
+    """
+    if tensor.device.type == "cpu" and tensor.dtype == torch.float32:
+        tensor.normal_(0.0, std, generator=generator)
+    else:
+        values = torch.empty(tensor.shape, dtype=torch.float32, device="cpu")
+        tensor.copy_(values.normal_(0.0, std, generator=generator))
+
+
+class Experts(nn.Module):
+    """The local experts as batched weights: ``gelu(x @ w1 + b1) @ w2 + b2`` per expert.
+
+    Every parameter carries ``expert_parallel = True``: it lives on one rank of the expert-parallel
+    group only and must not be averaged over that group (optimiser groups / DeepSpeed use this tag).
+    """
+
+    def __init__(
+        self, num_local: int, d_model: int, d_ff: int, first_expert: int, num_experts: int
+    ) -> None:
+        super().__init__()
+        self.num_local = num_local
+        self.first_expert = first_expert
+        self.num_experts = num_experts
+        self.w1 = nn.Parameter(torch.empty(num_local, d_model, d_ff))
+        self.b1 = nn.Parameter(torch.empty(num_local, d_ff))
+        self.w2 = nn.Parameter(torch.empty(num_local, d_ff, d_model))
+        self.b2 = nn.Parameter(torch.empty(num_local, d_model))
+        for p in self.parameters():
+            p.expert_parallel = True
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        """Normal weights, zero biases; expert g's weights depend only on g and the global RNG.
+
+        One seed per (weight, global expert) is drawn from torch's global RNG on every rank,
+        whatever the group size, so the global RNG advances identically everywhere and the union of
+        the experts of all ranks equals the experts of a single-process model built after the same
+        seed.
+        """
+        seeds = torch.randint(0, 2**62, (2, self.num_experts), device="cpu")
+        for local in range(self.num_local):
+            g = self.first_expert + local
+            for weight, row, scale in ((self.w1, 0, std), (self.w2, 1, out_std)):
+                gen = torch.Generator(device="cpu").manual_seed(int(seeds[row, g]))
+                normal_on_cpu_(weight[local], scale, gen)
+        self.b1.zero_()
+        self.b2.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [E_local, N, d_model] -> [E_local, N, d_model]."""
+        h = torch.bmm(x, self.w1) + self.b1.unsqueeze(1)
+        h = F.gelu(h)
+        return torch.bmm(h, self.w2) + self.b2.unsqueeze(1)
+
+
+class MoELayer(nn.Module):
+    """Top-k capacity-routed experts, expert-parallel over ``process_group``; returns (y, l_aux)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        top_k: int = 1,
+        capacity_factor: float = 1.0,
+        min_capacity: int = 4,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        self.ep_size, self.ep_rank = group_size_and_rank(process_group)
+        check_expert_split(num_experts, self.ep_size)
+        self.process_group = process_group
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // self.ep_size
+        self.gate = TopKGate(d_model, num_experts, top_k, capacity_factor, min_capacity)
+        first_expert = self.ep_rank * self.num_local_experts
+        self.experts = Experts(self.num_local_experts, d_model, d_ff, first_expert, num_experts)
+
+    def _all_to_all(self, x: torch.Tensor) -> torch.Tensor:
+        return funcol.all_to_all_single_autograd(x, None, None, self.process_group)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` [..., d_model] -> (output of the same shape, auxiliary loss scalar)."""
+        shape = x.shape
+        d_model = shape[-1]
+        tokens = x.reshape(-1, d_model)
+        l_aux, combine_weights, dispatch_mask = self.gate(tokens)
+        num_experts, capacity = combine_weights.shape[1], combine_weights.shape[2]
+
+        dispatched = torch.einsum("sec,sm->ecm", dispatch_mask.to(x.dtype), tokens)  # [E, C, d]
+        # Any group, even of one rank, goes through the all-to-all: the graph then holds the same
+        # collectives whatever the world size (a one-GPU run exercises the communication path).
+        if self.process_group is not None:
+            world, local = self.ep_size, self.num_local_experts
+            received = self._all_to_all(dispatched.reshape(num_experts * capacity, d_model))
+            # Received rows are [source rank, local expert, slot]; each expert takes all sources.
+            expert_in = (
+                received.reshape(world, local, capacity, d_model)
+                .transpose(0, 1)
+                .reshape(local, world * capacity, d_model)
+            )
+            expert_out = self.experts(expert_in)
+            outgoing = (
+                expert_out.reshape(local, world, capacity, d_model)
+                .transpose(0, 1)
+                .reshape(num_experts * capacity, d_model)
+            )
+            expert_out = self._all_to_all(outgoing).reshape(num_experts, capacity, d_model)
+        else:
+            expert_out = self.experts(dispatched)
+
+        combined = torch.einsum("sec,ecm->sm", combine_weights.to(x.dtype), expert_out)
+        return combined.reshape(shape), l_aux

@@ -1,0 +1,211 @@
+"""The ILP planner: from an analysed graph to the Plan every rank runs.
+
+Steps: agree on the cost numbers across ranks, coarsen the graph into tasks, solve the
+two-resource ordering (list schedule as incumbent, ILP within a time limit), and turn the solved
+order into a Plan. In a distributed run rank 0 solves (or finds the plan in its cache) and shares
+the plan's JSON with the others, so plans are identical by construction; the runtime checks the
+hash again before the first step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch.distributed as dist
+import torch.fx as fx
+
+from graphsched.analysis.graph import GraphAnalysis
+from graphsched.analysis.labels import NodeKind
+from graphsched.config import GraphschedConfig
+from graphsched.errors import ConfigError
+from graphsched.partition.coarsen import CoarseGraph, coarsen
+from graphsched.partition.ilp import solve
+from graphsched.partition.plans import module_path
+from graphsched.partition.problem import COMM, Schedule
+from graphsched.partition.simulate import lower_bound, simulate
+from graphsched.plan import COMM_STREAM, COMPUTE_STREAM, ModelPlan, Plan, Task
+from graphsched.runtime.agreement import broadcast_plan, world_is_distributed
+
+log = logging.getLogger("graphsched.partition")
+
+_ROLE = {"forward": "fwd", "input_grad": "dX", "weight_grad": "dW"}
+
+
+def default_cache_dir() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "graphsched")
+
+
+def _costs_of(analysis: GraphAnalysis) -> dict[str, float]:
+    return {
+        n: float(analysis.dag.nodes[n]["cost"])
+        for n in analysis.order
+        if analysis.dag.nodes[n]["kind"] in (NodeKind.COMPUTE, NodeKind.COLLECTIVE_ISSUE)
+    }
+
+
+def agree_on_costs(analysis: GraphAnalysis) -> None:
+    """Replace each node's cost by the maximum over ranks, so every rank plans from equal numbers."""
+    if not world_is_distributed():
+        return
+    from graphsched.analysis.commmodel import agree_costs
+
+    agreed = agree_costs(_costs_of(analysis), reduce="max")
+    for name, cost in agreed.items():
+        analysis.dag.nodes[name]["cost"] = cost
+
+
+def plan_key(analysis: GraphAnalysis, world_size: int) -> str:
+    """Cache key: the graph, the cost numbers and the world it was planned for."""
+    blob = json.dumps(
+        {"graph": analysis.graph_hash, "costs": sorted(_costs_of(analysis).items()), "world": world_size},
+        separators=(",", ":"),
+    ).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def plan_from_schedule(
+    analysis: GraphAnalysis, gm: fx.GraphModule, coarse: CoarseGraph, schedule: Schedule
+) -> Plan:
+    by_name = {n.name: n for n in gm.graph.nodes}
+    tasks: list[Task] = []
+    names: dict[str, int] = {}
+    for tid in schedule.order:
+        nodes = coarse.nodes[tid]
+        kind, phase = coarse.kind[tid]
+        path = module_path(by_name[nodes[0]]) or "graph"
+        if kind == NodeKind.COLLECTIVE_ISSUE.value:
+            label = f"{path}.{analysis.dag.nodes[nodes[0]]['op'].split('::')[-1]}"
+            stream = COMM_STREAM
+        elif kind == NodeKind.COLLECTIVE_WAIT.value:
+            label, stream = f"{path}.wait", COMPUTE_STREAM
+        else:
+            label, stream = f"{path}.{_ROLE.get(phase, phase)}", COMPUTE_STREAM
+        count = names.get(label, 0)
+        names[label] = count + 1
+        tasks.append(
+            Task(
+                name=label if count == 0 else f"{label}[{count}]",
+                nodes=list(nodes),
+                stream=stream,
+                kind=kind,
+                phase=phase,
+                start=schedule.start[tid],
+                end=schedule.end[tid],
+            )
+        )
+    return Plan(
+        graph_name=analysis.name,
+        graph_hash=analysis.graph_hash,
+        tasks=tasks,
+        costs=_costs_of(analysis),
+        predicted_time=schedule.makespan,
+    )
+
+
+@dataclass
+class IlpPlanner:
+    """Callable ``(analysis, gm) -> Plan`` used by the capture backend for ``schedule="ilp"``."""
+
+    config: GraphschedConfig
+    plan_file: ModelPlan | None = None
+
+    @classmethod
+    def from_config(cls, config: GraphschedConfig) -> "IlpPlanner":
+        plan_file = None
+        if config.plan_file is not None:
+            try:
+                with open(config.plan_file) as f:
+                    plan_file = ModelPlan.from_json(f.read())
+            except (OSError, ValueError, KeyError) as exc:
+                raise ConfigError(
+                    f"plan_file={config.plan_file!r} cannot be read as a graphsched plan file "
+                    f"({exc}); pass a file written by graphsched (ModelPlan JSON) or drop plan_file."
+                ) from exc
+        return cls(config, plan_file)
+
+    def _from_plan_file(self, analysis: GraphAnalysis) -> Plan:
+        assert self.plan_file is not None
+        plan = self.plan_file.plans.get(analysis.name)
+        if plan is None or plan.graph_hash != analysis.graph_hash:
+            found = "no plan for it" if plan is None else "a plan made for another graph (hash differs)"
+            raise ConfigError(
+                f"plan_file {self.config.plan_file!r} holds {found} for graph {analysis.name!r}; "
+                "the model, its input shapes or the world size changed since the file was written. "
+                "Re-plan without plan_file (and save the new plans) or pass the matching file."
+            )
+        return plan
+
+    def _cache_path(self, key: str) -> str:
+        return os.path.join(self.config.cache_dir or default_cache_dir(), "plans", f"{key}.json")
+
+    def _solve(self, analysis: GraphAnalysis, gm: fx.GraphModule) -> Plan:
+        coarse = coarsen(analysis)
+        problem = coarse.problem
+        captured = simulate(problem, problem.topological_order(), method="as_captured")
+        schedule = solve(problem, time_limit_s=self.config.solver_time_limit_s)
+        plan = plan_from_schedule(analysis, gm, coarse, schedule)
+        moved = sum(1 for t in tasks_inside_windows(plan, analysis) if t.phase == "weight_grad")
+        plan.options = {
+            "schedule": "ilp",
+            "method": schedule.method,
+            "status": schedule.status,
+            "solve_time_s": round(schedule.solve_time_s, 3),
+            "tasks": len(problem),
+            "comm_tasks": sum(1 for t in problem.tasks if t.resource == COMM),
+            "captured_time": captured.makespan,
+            "lower_bound": lower_bound(problem),
+            "weight_grad_tasks_in_windows": moved,
+        }
+        saving = captured.makespan - schedule.makespan
+        log.info(
+            "%s: %d tasks, %s (%s) in %.2f s; predicted %.3f ms vs %.3f ms as captured "
+            "(saves %.3f ms, bound %.3f ms); %d weight-gradient tasks moved into communication windows",
+            analysis.name, len(problem), schedule.method, schedule.status, schedule.solve_time_s,
+            schedule.makespan * 1e3, captured.makespan * 1e3, saving * 1e3,
+            plan.options["lower_bound"] * 1e3, moved,
+        )
+        return plan
+
+    def __call__(self, analysis: GraphAnalysis, gm: fx.GraphModule) -> Plan:
+        if self.plan_file is not None:
+            return self._from_plan_file(analysis)
+        agree_on_costs(analysis)
+        world = dist.get_world_size() if world_is_distributed() else 1
+        key = plan_key(analysis, world)
+        path = self._cache_path(key)
+        text: str | None = None
+        if not world_is_distributed() or dist.get_rank() == 0:
+            if os.path.exists(path):
+                with open(path) as f:
+                    text = f.read()
+                log.info("%s: reusing the saved plan %s", analysis.name, path)
+            else:
+                text = self._solve(analysis, gm).to_json()
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp{os.getpid()}"
+                with open(tmp, "w") as f:
+                    f.write(text)
+                os.replace(tmp, path)
+        # Rank 0 decides; everyone runs its plan.
+        text = broadcast_plan(text)
+        return Plan.from_json(text)
+
+
+def collective_windows(plan: Plan, analysis: GraphAnalysis) -> list[tuple[int, int]]:
+    """(issue task position, wait task position) of every collective in ``plan``."""
+    position = {n: i for i, t in enumerate(plan.tasks) for n in t.nodes}
+    return [
+        (position[c.issue], position[c.wait])
+        for c in analysis.collectives
+        if c.wait is not None and c.issue in position and c.wait in position
+    ]
+
+
+def tasks_inside_windows(plan: Plan, analysis: GraphAnalysis) -> list[Task]:
+    """The tasks issued after some collective's issue and before its wait."""
+    windows = collective_windows(plan, analysis)
+    return [t for i, t in enumerate(plan.tasks) if any(a < i < b for a, b in windows)]
