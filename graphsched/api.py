@@ -7,9 +7,10 @@ only ``model(...)`` now runs graphsched's captured and scheduled graphs.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -21,6 +22,7 @@ from graphsched.capture import CaptureLog, GraphschedBackend, Planner
 from graphsched.config import GraphschedConfig
 from graphsched.errors import ConfigError, GraphschedError
 from graphsched.plan import Plan
+from graphsched.runtime.recorder import StepRecorder
 from graphsched.runtime.groups import GroupFingerprint, check_same_groups, fingerprint, group_slots
 
 _STATE_ATTR = "_graphsched"
@@ -55,11 +57,10 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def default_cost_fn(device: torch.device) -> CostFn:
-    from graphsched.analysis.costmodel import DeviceSpec, analytic_cost
+def default_cost_fn(config: GraphschedConfig, device: torch.device) -> CostFn:
+    from graphsched.analysis.cost_source import make_cost_fn
 
-    spec = DeviceSpec.detect(device)
-    return lambda node: analytic_cost(node, spec)
+    return make_cost_fn(config.cost_model, device, config.cache_dir)
 
 
 def make_planner(config: GraphschedConfig) -> Planner:
@@ -100,7 +101,7 @@ def wrap(
     backend = GraphschedBackend(
         config,
         planner or make_planner(config),
-        cost_fn or default_cost_fn(_model_device(model)),
+        cost_fn or default_cost_fn(config, _model_device(model)),
         log,
     )
     # dynamic=False: a new input shape recompiles into new static-shape graphs, which the cost
@@ -145,6 +146,31 @@ def captured_plans(model: nn.Module) -> dict[str, Plan]:
 
 def captured_graphs(model: nn.Module) -> dict[str, fx.GraphModule]:
     return {g.name: g.gm for g in state_of(model).capture.graphs}
+
+
+@contextlib.contextmanager
+def record(model: nn.Module, rank: int | None = None) -> Iterator[StepRecorder]:
+    """Record every scheduled task's start and end while the block runs (one or more steps).
+
+    ``with graphsched.record(model) as rec: step()`` then ``rec.finish()`` lists TaskTimings. Graphs
+    compiled inside the block are recorded from their first run on.
+    """
+    state = state_of(model)
+    if rank is None:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    recorder = StepRecorder(rank=rank)
+    state.capture.recorder = recorder
+    try:
+        for g in state.capture.graphs:
+            if g.executor is not None:
+                g.executor.recorder = recorder
+        yield recorder
+    finally:
+        for g in state.capture.graphs:
+            if g.executor is not None:
+                g.executor.recorder = None
+        state.capture.recorder = None
+        recorder.finish()
 
 
 def explain(model: nn.Module, file: IO[str] | None = sys.stdout) -> str:

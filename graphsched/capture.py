@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import default_partition
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from graphsched.analysis.graph import CostFn, GraphAnalysis, analyse_graph
 from graphsched.analysis.labels import GraphKind
@@ -49,6 +50,8 @@ class CapturedGraph:
     fallback_reason: str | None = None
     #: Backward graphs: the output positions that are parameter gradients.
     param_grad_positions: list[int] | None = None
+    #: The executor running the plan (None when the graph runs unscheduled).
+    executor: GraphExecutor | None = None
 
 
 @dataclass
@@ -57,6 +60,8 @@ class CaptureLog:
 
     graphs: list[CapturedGraph] = field(default_factory=list)
     dynamo_graphs: int = 0
+    #: A StepRecorder while ``graphsched.record`` is active: executors made meanwhile record too.
+    recorder: Any = None
 
     def latest(self, kind: GraphKind) -> CapturedGraph | None:
         for g in reversed(self.graphs):
@@ -141,7 +146,10 @@ class GraphschedBackend:
             else:
                 log.info("%s: cannot line up backward outputs with parameters; no dW labels", name)
         try:
-            analysis = analyse_graph(gm, name, kind, self.cost_fn, positions)
+            # Compilers run inside AOTAutograd's fake-tensor mode; measuring costs and planning
+            # (which talks to the other ranks) need real tensors.
+            with unset_fake_temporarily():
+                analysis = analyse_graph(gm, name, kind, self.cost_fn, positions)
         except Exception as exc:  # noqa: BLE001 - any analysis failure falls back, never crashes
             return self._fallback(name, kind, gm, None, f"analysis failed ({type(exc).__name__}: {exc})")
         if not analysis.collectives:
@@ -149,7 +157,8 @@ class GraphschedBackend:
             self.log.graphs.append(CapturedGraph(name, kind, gm, analysis, None, "no collectives", positions))
             return _boxed(gm)
         try:
-            plan = self.planner(analysis, gm)
+            with unset_fake_temporarily():
+                plan = self.planner(analysis, gm)
             executor = GraphExecutor(
                 gm,
                 plan,
@@ -162,7 +171,8 @@ class GraphschedBackend:
             raise  # the user asked for something impossible: say so, do not silently fall back
         except Exception as exc:  # noqa: BLE001
             return self._fallback(name, kind, gm, analysis, f"planning failed ({type(exc).__name__}: {exc})")
-        self.log.graphs.append(CapturedGraph(name, kind, gm, analysis, plan, None, positions))
+        executor.recorder = self.log.recorder
+        self.log.graphs.append(CapturedGraph(name, kind, gm, analysis, plan, None, positions, executor))
         log.info("%s: %d nodes, %d collectives, %d tasks (%s)", name, len(analysis.order),
                  len(analysis.collectives), len(plan.tasks), plan.options.get("schedule"))
         return executor

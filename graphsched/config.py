@@ -12,11 +12,16 @@ from graphsched.errors import ConfigError
 #: deliberately different valid order used to prove the runtime is order-agnostic; ``ilp`` solves for
 #: the fastest order (needs the partition package).
 SCHEDULES = ("identity", "reverse_independent", "ilp")
+#: Where node costs come from: ``analytic`` (FLOPs and bytes against the device's peak rates),
+#: ``measured`` (each node timed on the device, cached on disk; collectives from a microbenchmark
+#: of the process group) or ``auto`` (measured on CUDA, analytic elsewhere).
+COST_MODELS = ("auto", "analytic", "measured")
 
 
 @dataclass
 class GraphschedConfig:
     schedule: str = "identity"
+    cost_model: str = "auto"
     #: Passed to torch.compile: True makes a graph break an error instead of several smaller graphs.
     fullgraph: bool = False
     #: On CUDA, run communication tasks on their own stream (events order the two streams).
@@ -39,6 +44,10 @@ class GraphschedConfig:
         if self.schedule not in SCHEDULES:
             raise ConfigError(
                 f"schedule={self.schedule!r} is not known; use one of {', '.join(SCHEDULES)}."
+            )
+        if self.cost_model not in COST_MODELS:
+            raise ConfigError(
+                f"cost_model={self.cost_model!r} is not known; use one of {', '.join(COST_MODELS)}."
             )
         if not (self.solver_time_limit_s > 0):
             raise ConfigError(

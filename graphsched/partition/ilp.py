@@ -1,5 +1,6 @@
 """Solver-backed schedules: an exact disjunctive ILP for small problems, and for large ones an
-exact assignment of weight-gradient tasks to communication windows (after Lancet).
+ILP that assigns weight-gradient tasks to the windows where a collective is in flight (after
+Lancet, which solves the same assignment greedily).
 
 Every solver result is re-simulated (the simulated makespan is the truth) and compared with the
 incumbent; no function here returns a schedule worse than the incumbent it started from.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
@@ -29,9 +31,18 @@ log = logging.getLogger("graphsched.partition")
 
 #: Above this many ordering binaries the exact model rarely closes its gap within seconds.
 DEFAULT_MAX_EXACT_PAIRS = 1500
+#: Time limit of the window assignment ILP. After the local search the assignment is typically
+#: within 0.5% of the LP bound; CBC rarely closes that quickly and gains little by trying.
+DEFAULT_WINDOW_TIME_LIMIT_S = 3.0
 #: Solver models are scaled so the incumbent's makespan is this many units: CBC's absolute
 #: tolerances (about 1e-6) would otherwise swamp durations measured in seconds.
 _HORIZON = 1000.0
+#: The window assignment stops once it is proven within this fraction of the core's makespan of
+#: the best assignment: closing the last 0.1% can take CBC minutes, and measured costs are
+#: several percent less precise than that.
+_WINDOW_GAP = 1e-3
+#: Grid of the subset sums that cover a window, in parts of the window's capacity.
+_SUBSET_RESOLUTION = 512
 #: Start times closer than this (in scaled units) count as equal when turning starts into an order.
 _START_TOL = 1e-5
 
@@ -51,20 +62,51 @@ def _finish(schedule: Schedule, status: str, t0: float) -> Schedule:
     return replace(schedule, status=status, solve_time_s=time.perf_counter() - t0)
 
 
-def _solution_status(prob: pulp.LpProblem) -> int:
-    # CBC's LpStatus still says "Optimal" after a time limit; sol_status tells the truth.
-    return prob.sol_status
+def _var(
+    prob: pulp.LpProblem,
+    name: str,
+    low: float | None = None,
+    up: float | None = None,
+    cat: str = pulp.LpContinuous,
+) -> pulp.LpVariable:
+    # PuLP 3.3 deprecates free-standing variables in favour of prob.add_variable (PuLP 4.0).
+    if hasattr(prob, "add_variable"):
+        return prob.add_variable(name, lowBound=low, upBound=up, cat=cat)
+    return pulp.LpVariable(name, lowBound=low, upBound=up, cat=cat)
 
 
-def _run_cbc(prob: pulp.LpProblem, time_limit_s: float, msg: bool, warm: bool) -> int | None:
-    solver = pulp.PULP_CBC_CMD(timeLimit=max(0.1, time_limit_s), msg=msg, warmStart=warm)
+def _cbc(**options) -> pulp.LpSolver:
+    """The CBC that ships inside the pulp wheel; a CBC installed on its own if there is none.
+
+    PuLP 3.3 marks the bundled solver deprecated (it goes in PuLP 4.0, where COIN_CMD finds a
+    separately installed CBC); the warning says nothing actionable to our users, so it is muted.
+    """
+    bundled = getattr(pulp, "PULP_CBC_CMD", None)
+    if bundled is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            solver = bundled(**options)
+        if solver.available():
+            return solver
+    return pulp.COIN_CMD(**options)
+
+
+def _run_cbc(
+    prob: pulp.LpProblem,
+    time_limit_s: float,
+    msg: bool,
+    warm: bool,
+    gap_abs: float | None = None,
+) -> int | None:
+    solver = _cbc(timeLimit=max(0.1, time_limit_s), msg=msg, warmStart=warm, gapAbs=gap_abs)
     try:
         prob.solve(solver)
     except pulp.PulpSolverError as exc:  # a broken CBC must not break training
         log.warning("CBC failed (%s); keeping the incumbent schedule", exc)
         return None
     log.debug("CBC: %s", pulp.LpSolution[prob.sol_status])
-    return _solution_status(prob)
+    # CBC's LpStatus still says "Optimal" after a time limit; sol_status tells the truth.
+    return prob.sol_status
 
 
 def _order_from_starts(
@@ -152,7 +194,9 @@ def disjunctive_pairs(problem: ScheduleProblem) -> list[tuple[str, str]]:
     return pairs
 
 
-def _resource_work_bits(problem: ScheduleProblem, bits: Mapping[str, int]) -> dict[str, dict[str, float]]:
+def _resource_work_bits(
+    problem: ScheduleProblem, bits: Mapping[str, int]
+) -> dict[str, dict[str, float]]:
     """For each task and resource, the total duration on that resource of the tasks in its set."""
     topo = problem.topological_order()
     out: dict[str, dict[str, float]] = {}
@@ -215,8 +259,8 @@ def solve_ilp(
     }
 
     prob = pulp.LpProblem("graphsched_order", pulp.LpMinimize)
-    s = {t: pulp.LpVariable(f"s{i}", lowBound=lo[t], upBound=hi[t]) for i, t in enumerate(ids)}
-    cmax = pulp.LpVariable("makespan", lowBound=scale * lb, upBound=_HORIZON)
+    s = {t: _var(prob, f"s{i}", lo[t], hi[t]) for i, t in enumerate(ids)}
+    cmax = _var(prob, "makespan", scale * lb, _HORIZON)
     prob += cmax
     for t in ids:
         for d in problem.task(t).deps:
@@ -227,7 +271,7 @@ def solve_ilp(
                 prob += cmax >= s[t] + dur[t] + scale * after[t][r]
     y: dict[tuple[str, str], pulp.LpVariable] = {}
     for k, (a, b) in enumerate(pairs):
-        v = pulp.LpVariable(f"y{k}", cat=pulp.LpBinary)
+        v = _var(prob, f"y{k}", cat=pulp.LpBinary)
         y[(a, b)] = v
         m_ab = max(0.0, hi[a] + dur[a] - lo[b])  # a before b when v = 1
         m_ba = max(0.0, hi[b] + dur[b] - lo[a])
@@ -327,25 +371,89 @@ def _greedy_assignment(
 ) -> dict[str, int]:
     """Lancet's closest fit: fill each window in time order with the largest task that fits."""
     assigned: dict[str, int] = {}
+    allowed = {t: set(ks) for t, ks in eligible.items()}
     for k, w in enumerate(windows):
         room = w.capacity
         while room > tol:
             cands = [
                 t
-                for t, ks in eligible.items()
+                for t in eligible
                 if t not in assigned
-                and k in ks
+                and k in allowed[t]
                 and all(p in assigned and assigned[p] <= k for p in deferred_parents[t])
             ]
             if not cands:
                 break
-            fits = [t for t in cands if problem.task(t).duration <= room + tol]
+            dur = {t: problem.task(t).duration for t in cands}
+            fits = [t for t in cands if dur[t] <= room + tol]
             if fits:
-                pick = max(fits, key=lambda t: (problem.task(t).duration, -problem.topo_position(t)))
-            else:
-                pick = min(cands, key=lambda t: (problem.task(t).duration, problem.topo_position(t)))
+                pick = max(fits, key=lambda t: (dur[t], -problem.topo_position(t)))
+            else:  # nothing fits: the shortest task still fills the rest of the window
+                pick = min(cands, key=lambda t: (dur[t], problem.topo_position(t)))
             assigned[pick] = k
-            room -= problem.task(pick).duration
+            room -= dur[pick]
+    return assigned
+
+
+def _subset_closest_above(durations: list[float], target: float, grid: float) -> list[int]:
+    """Indices of a subset whose sum is the smallest one >= target, else the largest one.
+
+    Exact on durations rounded to ``grid``: a subset-sum over bit sets (bit s of layer i is set
+    when the first i items can sum to s grid units), walked back to recover the subset. Items
+    longer than the target are left out of the bit sets (they would make them huge): one of them
+    alone beats any subset that contains it.
+    """
+    units = [max(0, round(d / grid)) for d in durations]
+    goal = max(0, round(target / grid))
+    small = [i for i, u in enumerate(units) if u <= goal]
+    big = [i for i, u in enumerate(units) if u > goal]
+    mask = (1 << (2 * goal + 1)) - 1
+    layers = [1]
+    for i in small:
+        layers.append((layers[-1] | (layers[-1] << units[i])) & mask)
+    reach = layers[-1]
+    above = reach >> goal
+    shortest_big = min(big, key=lambda i: units[i], default=None)
+    if above:
+        total = goal + (above & -above).bit_length() - 1
+        if shortest_big is not None and units[shortest_big] < total:
+            return [shortest_big]
+    elif shortest_big is not None:
+        return [shortest_big]
+    else:
+        total = reach.bit_length() - 1
+    chosen = []
+    for pos in range(len(small) - 1, -1, -1):
+        if not (layers[pos] >> total) & 1:
+            chosen.append(small[pos])
+            total -= units[small[pos]]
+    return chosen
+
+
+def _sequential_assignment(
+    problem: ScheduleProblem,
+    windows: list[_Window],
+    eligible: Mapping[str, list[int]],
+    deferred_parents: Mapping[str, list[str]],
+) -> dict[str, int]:
+    """Fill windows in time order, each with the available subset that just covers it.
+
+    Covering a window with the least excess keeps the most work for the windows after it.
+    """
+    assigned: dict[str, int] = {}
+    allowed = {t: set(ks) for t, ks in eligible.items()}
+    by_position = sorted(eligible, key=problem.topo_position)
+    for k, w in enumerate(windows):
+        avail = [
+            t
+            for t in by_position
+            if t not in assigned
+            and k in allowed[t]
+            and all(p in assigned and assigned[p] <= k for p in deferred_parents[t])
+        ]
+        durations = [problem.task(t).duration for t in avail]
+        for i in _subset_closest_above(durations, w.capacity, w.capacity / _SUBSET_RESOLUTION):
+            assigned[avail[i]] = k
     return assigned
 
 
@@ -507,8 +615,11 @@ def solve_windows(
     in at most one window (a generalised assignment problem): with an input-gradient chain, work
     that fills a window is hidden and all other work adds to the makespan, so this is the exact
     objective. Each window's tasks are issued right after its collective, the rest at the end.
-    Returns the better of the ILP's and the greedy closest-fit assignment's simulated schedules,
-    or None when nothing is deferrable.
+
+    Lancet's greedy closest fit and a sequential subset-sum cover, both improved by local search,
+    give the ILP its warm start; the ILP stops within ``_WINDOW_GAP`` of optimal or at the time
+    limit. Returns the best simulated schedule of these (method ``window_greedy``,
+    ``window_local`` or ``window_ilp``), or None when nothing is deferrable.
     """
     t0 = time.perf_counter()
     deferred = deferrable_tasks(problem)
@@ -542,14 +653,18 @@ def solve_windows(
         order = _order_with_assignment(problem, timeline.order, windows, trimmed, deferred)
         return simulate(problem, order, method=method)
 
-    greedy = _greedy_assignment(problem, windows, eligible, deferred_parents, tol)
-    candidates = [scheduled(greedy, "window_greedy")]
-    t_local = time.perf_counter()
-    greedy = _improve_assignment(
-        problem, windows, eligible, deferred_parents, greedy, tol, t0 + time_limit_s / 4
-    )
+    # Heuristic starts: Lancet's closest fit, and the sequential cover, each locally improved.
+    closest = _greedy_assignment(problem, windows, eligible, deferred_parents, tol)
+    candidates = [scheduled(closest, "window_greedy")]
+    starts = [closest, _sequential_assignment(problem, windows, eligible, deferred_parents)]
+    improved = [
+        _improve_assignment(
+            problem, windows, eligible, deferred_parents, a, tol, t0 + time_limit_s / 4
+        )
+        for a in starts
+    ]
+    greedy = max(improved, key=lambda a: _fill(problem, windows, a))
     candidates.append(scheduled(greedy, "window_local"))
-    log.debug("local search: %.3f s, filled %.6g", time.perf_counter() - t_local, _fill(problem, windows, greedy))
     # Each window can hold at most its capacity and at most the work eligible for it.
     supply = [0.0] * len(windows)
     for t, ks in eligible.items():
@@ -564,18 +679,21 @@ def solve_windows(
         # start's objective in maximisation problems and then ignores it.
         prob = pulp.LpProblem("graphsched_windows", pulp.LpMinimize)
         x = {
-            (t, k): pulp.LpVariable(f"x{i}_{k}", cat=pulp.LpBinary)
+            (t, k): _var(prob, f"x{i}_{k}", cat=pulp.LpBinary)
             for i, t in enumerate(by_position)
             for k in eligible[t]
         }
         filled = {
-            k: pulp.LpVariable(f"f{k}", lowBound=0, upBound=w.capacity * scale)
+            k: _var(prob, f"f{k}", 0.0, w.capacity * scale)
             for k, w in enumerate(windows)
         }
         prob += pulp.lpSum(w.capacity * scale - filled[k] for k, w in enumerate(windows))
+        into: dict[int, list[tuple[str, pulp.LpVariable]]] = {k: [] for k in filled}
+        for (t, k), v in x.items():
+            into[k].append((t, v))
         for k in filled:
             prob += filled[k] <= pulp.lpSum(
-                problem.task(t).duration * scale * v for (t, kk), v in x.items() if kk == k
+                problem.task(t).duration * scale * v for t, v in into[k]
             )
         for t in by_position:
             if eligible[t]:
@@ -595,7 +713,13 @@ def solve_windows(
             "time limit %.1f s",
             len(deferred), len(windows), len(x), time_limit_s,
         )
-        sol = _run_cbc(prob, time_limit_s - (time.perf_counter() - t0), msg, warm=True)
+        sol = _run_cbc(
+            prob,
+            time_limit_s - (time.perf_counter() - t0),
+            msg,
+            warm=True,
+            gap_abs=_WINDOW_GAP * _HORIZON,
+        )
         assignment_status = pulp.LpSolution.get(sol, "no solver result")
         if sol in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
             chosen = {t: k for (t, k), v in x.items() if (v.value() or 0) > 0.5}
@@ -619,13 +743,14 @@ def solve(
     incumbent: Schedule | None = None,
     msg: bool = False,
     max_exact_pairs: int = DEFAULT_MAX_EXACT_PAIRS,
+    window_time_limit_s: float = DEFAULT_WINDOW_TIME_LIMIT_S,
 ) -> Schedule:
     """The best order this package can find within ``time_limit_s``.
 
-    Always computes the list schedule; if weight-gradient tasks exist, the window assignment;
-    then, when the exact model is small enough (at most ``max_exact_pairs`` ordering binaries),
-    the exact ILP warm-started from the best so far. Never worse than the list schedule or the
-    given incumbent.
+    Always computes the list schedule; if weight-gradient tasks exist, the window assignment
+    (its ILP limited to ``window_time_limit_s``); then, when the exact model is small enough (at
+    most ``max_exact_pairs`` ordering binaries), the exact ILP warm-started from the best so far.
+    Never worse than the list schedule or the given incumbent.
     """
     t0 = time.perf_counter()
     tol = _tolerance(problem)
@@ -651,7 +776,7 @@ def solve(
         lb,
     )
     if best.makespan > lb + tol:
-        budget = time_limit_s * (0.25 if exact else 1.0)
+        budget = min(window_time_limit_s, time_limit_s * (0.25 if exact else 1.0))
         windowed = solve_windows(problem, budget, msg)
         if windowed is not None and windowed.makespan < best.makespan - tol:
             best = windowed
@@ -661,11 +786,10 @@ def solve(
             problem, time_limit_s - (time.perf_counter() - t0), incumbent=best, msg=msg
         )
     else:
-        if best.makespan <= lb + tol:
-            status = "optimal"
-        else:
-            status = "feasible" if improved else "incumbent"
-        result = replace(best, status=status)
+        result = replace(best, status="optimal" if best.makespan <= lb + tol else "incumbent")
+    if result.status == "incumbent" and improved:
+        # The exact ILP found nothing better, but the window assignment beat the list schedule.
+        result = replace(result, status="feasible")
     result = _finish(result, result.status, t0)
     log.info(
         "schedule: %s, status %s, makespan %.6g vs list schedule %.6g (lower bound %.6g), "

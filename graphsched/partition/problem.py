@@ -109,7 +109,9 @@ class ScheduleProblem:
         self._children = {t.id: [] for t in self.tasks}
         for t in self.tasks:
             if len(set(t.deps)) != len(t.deps):
-                raise ProblemError(f"task {t.id!r} lists a dependency twice: {t.deps}; list each once.")
+                raise ProblemError(
+                    f"task {t.id!r} lists a dependency twice: {t.deps}; list each once."
+                )
             for d in t.deps:
                 if d not in self._by_id:
                     raise ProblemError(

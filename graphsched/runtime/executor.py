@@ -154,6 +154,28 @@ class GraphExecutor:
                 if n not in last_use and n not in keep:
                     releases.setdefault(position[n], []).append(index[n])
 
+        # Task boundaries (instruction ranges) and, for each wait, the task that issued its
+        # collective: used only when a recorder is attached.
+        self._tasks: list[tuple[int, int, str, str, str, str]] = []
+        first = 0
+        task_of_node: dict[str, int] = {}
+        for t in plan.tasks:
+            for name in t.nodes:
+                task_of_node[name] = len(self._tasks)
+            stream = stream_of[t.nodes[0]] if t.nodes else COMPUTE_STREAM
+            self._tasks.append((first, first + len(t.nodes), t.name, stream, t.kind, t.phase))
+            first += len(t.nodes)
+        by_name = {n.name: n for n in ordered}
+        self._issue_task_of_wait: dict[int, int] = {}
+        for i, t in enumerate(plan.tasks):
+            if t.kind == "collective_wait":
+                for name in t.nodes:
+                    for inp in by_name[name].all_input_nodes:
+                        if inp.name in task_of_node:
+                            self._issue_task_of_wait[i] = task_of_node[inp.name]
+        #: Set to a StepRecorder to record task timings (None: no recording, no cost).
+        self.recorder: Any = None
+
         produced_on = {n: stream_of[n.name] for n in ordered}
         self._instrs: list[_Instr] = []
         for n in ordered:
@@ -201,7 +223,9 @@ class GraphExecutor:
         # Boxed convention: drop the caller's references so that inputs die at their last use.
         args.clear()
         streams = self._stream_set()
-        if streams is None:
+        if self.recorder is not None:
+            self._run_recorded(env, streams)
+        elif streams is None:
             for ins in self._instrs:
                 env[ins.index] = ins.target(*_resolve(ins.args, env), **_resolve(ins.kwargs, env))
                 for slot in ins.release:
@@ -210,10 +234,69 @@ class GraphExecutor:
             self._run_on_streams(env, streams)
         return _resolve(self._output, env)
 
-    def _run_on_streams(self, env: list[Any], streams: StreamSet) -> None:
+    def _run_recorded(self, env: list[Any], streams: StreamSet | None) -> None:
+        """Run task by task, recording each task's interval (see runtime/recorder.py)."""
+        rec = self.recorder
+        name = self.plan.graph_name
+        if streams is None:
+            issued: dict[int, float] = {}
+            for i, (lo, hi, task, stream, kind, phase) in enumerate(self._tasks):
+                t0 = rec.now()
+                for ins in self._instrs[lo:hi]:
+                    env[ins.index] = ins.target(*_resolve(ins.args, env), **_resolve(ins.kwargs, env))
+                    for slot in ins.release:
+                        env[slot] = None
+                t1 = rec.now()
+                if kind == "collective_issue":
+                    issued[i] = t0
+                    continue
+                rec.add(name, task, stream, kind, phase, t0, t1)
+                src = self._issue_task_of_wait.get(i)
+                if src is not None and src in issued:
+                    _, _, ctask, cstream, ckind, cphase = self._tasks[src]
+                    rec.add(name, ctask, cstream, ckind, cphase, issued.pop(src), t1)
+            return
+        # CUDA: the same stream logic as _run_on_streams, with events around every task.
+        starts: dict[int, Any] = {}
+        task_at = {lo: i for i, (lo, *_rest) in enumerate(self._tasks)}
+        ends_at = {hi - 1: i for i, (_lo, hi, *_rest) in enumerate(self._tasks) if hi > _lo}
+        issue_start: dict[int, Any] = {}
+
+        def before(pos: int, stream: "torch.cuda.Stream") -> None:
+            i = task_at.get(pos)
+            if i is not None:
+                ev = torch.cuda.Event(enable_timing=True)
+                ev.record(stream)
+                starts[i] = ev
+
+        def after(pos: int, stream: "torch.cuda.Stream") -> None:
+            i = ends_at.get(pos)
+            if i is None:
+                return
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record(stream)
+            _, _, task, sname, kind, phase = self._tasks[i]
+            if kind == "collective_issue":
+                issue_start[i] = starts[i]
+                return
+            rec.add_events(name, task, sname, kind, phase, starts[i], ev)
+            src = self._issue_task_of_wait.get(i)
+            if src is not None and src in issue_start:
+                _, _, ctask, cstream, ckind, cphase = self._tasks[src]
+                rec.add_events(name, ctask, cstream, ckind, cphase, issue_start.pop(src), ev)
+
+        self._run_on_streams(env, streams, before, after)
+
+    def _run_on_streams(
+        self,
+        env: list[Any],
+        streams: StreamSet,
+        before: Callable[[int, Any], None] | None = None,
+        after: Callable[[int, Any], None] | None = None,
+    ) -> None:
         events: dict[int, torch.cuda.Event] = {}
         last_event: dict[str, torch.cuda.Event] = {}
-        for ins in self._instrs:
+        for pos, ins in enumerate(self._instrs):
             stream = streams.streams[ins.stream]
             for slot, producer in ins.cross_inputs:
                 ev = events.get(slot)
@@ -223,6 +306,8 @@ class GraphExecutor:
                 # stream while this stream may still read it.
                 for t in _tensors_in(env[slot]):
                     t.record_stream(stream)
+            if before is not None:
+                before(pos, stream)
             with torch.cuda.stream(stream):
                 env[ins.index] = ins.target(*_resolve(ins.args, env), **_resolve(ins.kwargs, env))
                 if ins.needs_event:
@@ -230,6 +315,8 @@ class GraphExecutor:
                     ev.record(stream)
                     events[ins.index] = ev
                     last_event[ins.stream] = ev
+            if after is not None:
+                after(pos, stream)
             for slot in ins.release:
                 env[slot] = None
                 events.pop(slot, None)

@@ -30,15 +30,13 @@ def find_free_port() -> int:
 def _worker(
     rank: int,
     world_size: int,
-    port: int,
+    store_path: str,
     backend: str,
     fn: Callable[..., Any],
     args: tuple,
     result_dir: str,
     timeout_s: float,
 ) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
     os.environ["RANK"] = str(rank)
     os.environ["WORLD_SIZE"] = str(world_size)
     os.environ["LOCAL_RANK"] = str(rank)
@@ -48,8 +46,13 @@ def _worker(
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
+        # A file store private to this run: no port that a concurrent run could take.
         dist.init_process_group(
-            backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+            backend,
+            init_method=f"file://{store_path}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
         )
         value = fn(rank, world_size, *args)
         outcome: tuple[str, Any] = ("ok", value)
@@ -79,13 +82,13 @@ def run_distributed(
     """
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
-    port = find_free_port()
     with tempfile.TemporaryDirectory(prefix="graphsched-run-") as result_dir:
+        store_path = os.path.join(result_dir, "store")
         ctx = mp.get_context("spawn")
         procs = [
             ctx.Process(
                 target=_worker,
-                args=(rank, world_size, port, backend, fn, args, result_dir, timeout_s),
+                args=(rank, world_size, store_path, backend, fn, args, result_dir, timeout_s),
                 daemon=False,
             )
             for rank in range(world_size)
