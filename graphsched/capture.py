@@ -35,6 +35,9 @@ log = logging.getLogger("graphsched.capture")
 
 #: Chooses the plan of one analysed graph: (analysis, graph module) -> Plan.
 Planner = Callable[[GraphAnalysis, fx.GraphModule], Plan]
+#: Rewrites the Dynamo graph (torch-level IR) before AOTAutograd: (gm, example inputs) -> gm. It
+#: must keep the graph's inputs (order and meaning) and outputs.
+GraphTransform = Callable[[fx.GraphModule, Sequence[Any]], fx.GraphModule]
 
 
 @dataclass
@@ -102,11 +105,13 @@ class GraphschedBackend:
         planner: Planner,
         cost_fn: CostFn,
         log_: CaptureLog,
+        graph_transform: GraphTransform | None = None,
     ) -> None:
         self.config = config
         self.planner = planner
         self.cost_fn = cost_fn
         self.log = log_
+        self.graph_transform = graph_transform
         self._warned = False
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
@@ -120,6 +125,10 @@ class GraphschedBackend:
             isinstance(x, torch.nn.Parameter) for x in example_inputs
         ]
         device = _device_of(example_inputs)
+        if self.graph_transform is not None:
+            # Rewrites before differentiation (e.g. micro-chunking) get their backward from
+            # AOTAutograd, so forward and backward stay consistent by construction.
+            gm = self.graph_transform(gm, example_inputs)
         compile_ = partial(self._compile, gid, param_mask, device)
         backend = aot_autograd(
             fw_compiler=partial(compile_, GraphKind.FORWARD),
