@@ -1,6 +1,6 @@
 """graphsched: whole-graph communication/computation overlap for Mixture-of-Experts training."""
 
-from graphsched.api import captured_analyses, captured_graphs, captured_plans, explain, record, unwrap, wrap
+from graphsched.api import captured_analyses, captured_graphs, captured_plans, explain, record, save_plans, unwrap, wrap
 from graphsched.config import GraphschedConfig
 from graphsched.errors import (
     ConfigError,
@@ -30,6 +30,7 @@ __all__ = [
     "captured_plans",
     "explain",
     "record",
+    "save_plans",
     "unwrap",
     "wrap",
 ]

@@ -21,7 +21,7 @@ from graphsched.analysis.report import render_report
 from graphsched.capture import CaptureLog, GraphschedBackend, Planner
 from graphsched.config import GraphschedConfig
 from graphsched.errors import ConfigError, GraphschedError
-from graphsched.plan import Plan
+from graphsched.plan import ModelPlan, Plan
 from graphsched.runtime.recorder import StepRecorder
 from graphsched.runtime.groups import GroupFingerprint, check_same_groups, fingerprint, group_slots
 
@@ -171,6 +171,18 @@ def record(model: nn.Module, rank: int | None = None) -> Iterator[StepRecorder]:
                 g.executor.recorder = None
         state.capture.recorder = None
         recorder.finish()
+
+
+def save_plans(model: nn.Module, path: str) -> ModelPlan:
+    """Write the plans of every scheduled graph to ``path`` (reuse with ``wrap(..., plan_file=path)``)."""
+    plans = ModelPlan(plans=captured_plans(model))
+    if not plans.plans:
+        raise GraphschedError(
+            "no scheduled graph to save: run one training step of the wrapped model first."
+        )
+    with open(path, "w") as f:
+        f.write(plans.to_json())
+    return plans
 
 
 def explain(model: nn.Module, file: IO[str] | None = sys.stdout) -> str:

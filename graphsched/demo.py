@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from graphsched.testing.launch import run_distributed
 from graphsched.testing.parity import ParityResult, ParitySpec, run_parity
@@ -27,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world-size", type=int, default=2, help="processes (expert-parallel ranks)")
     parser.add_argument("--schedule", default="identity", help="graphsched schedule")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--out", default="graphsched_out", help="folder for plan.json")
+    parser.add_argument("--out", default="graphsched_out",
+                        help="folder for plan.json, trace.json, timeline.png and timeline.json")
     parser.add_argument("--tolerance", type=float, default=0.0,
                         help="largest accepted gradient difference (0: bitwise equal)")
 
@@ -49,6 +51,38 @@ def _print_results(results: list[ParityResult], tolerance: float) -> bool:
     return ok
 
 
+def _write_timelines(out: Path, plans: dict[str, Any], results: list[ParityResult]) -> list[Path]:
+    """Timelines of the last step: measured on every rank, predicted from the plans when they
+    carry times or cost numbers. Writes trace.json, timeline.png and timeline.json."""
+    from graphsched.errors import GraphschedError
+    from graphsched.plan import Plan
+    from graphsched.timelines import Timeline, Timelines, step_graph_order
+
+    parts = [Timeline.from_timings(r.timings, r.rank) for r in results if r.timings]
+    measured = Timeline.merge(parts) if parts else None
+    predicted = None
+    plan_objs = {name: Plan.from_dict(p) for name, p in plans.items()}
+    graphs = step_graph_order(plan_objs)
+    if measured is not None:
+        graphs = [g for g in graphs if g in next(iter(measured.ranks.values()))] or graphs
+    if graphs:
+        try:
+            predicted = Timeline.from_plans(plan_objs, rank=0, graphs=graphs)
+        except GraphschedError:
+            print("\n(no predicted timeline: these plans carry no predicted times or cost numbers; "
+                  "--schedule ilp predicts them)")
+    timelines = Timelines(predicted=predicted, measured=measured)
+    if not len(timelines):
+        return []
+    print("\ntimeline of the last step" + (" (measured on every rank)" if measured else "") + ":")
+    print(timelines.summary())
+    return [
+        timelines.write_trace(out / "trace.json"),
+        timelines.write_png(out / "timeline.png"),
+        timelines.save(out / "timeline.json"),
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
     spec = ParitySpec(
         preset=args.preset,
@@ -57,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         wrap_options={"schedule": args.schedule},
         device=args.device,
+        record_last_step=True,
     )
     print(
         f"graphsched demo: {args.world_size} processes ({'nccl' if args.device == 'cuda' else 'gloo'}), "
@@ -77,7 +112,11 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     plans = {name: json.loads(text) for name, text in results[0].plans_json.items()}
     (out / "plan.json").write_text(json.dumps(plans, indent=1, sort_keys=True))
-    print(f"\nwrote {out / 'plan.json'}")
+    written = [out / "plan.json"] + _write_timelines(out, plans, results)
+    print("\nwrote " + ", ".join(str(p) for p in written))
+    if len(written) > 1:
+        print(f"open {written[1]} in https://ui.perfetto.dev or chrome://tracing; "
+              f"summarise any of these files with: graphsched inspect {written[-1]}")
     worst = max(r.max_grad_diff for r in results)
     verdict = "bitwise equal" if worst == 0.0 and ok else ("within tolerance" if ok else "DIFFERENT")
     print(f"largest gradient difference over all ranks and steps: {worst:.3e} -> {verdict} "

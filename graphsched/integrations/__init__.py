@@ -19,18 +19,19 @@ _DEEPSPEED_MOE_MODULE = "deepspeed.moe.sharded_moe"
 _DEEPSPEED_ENGINE_MODULE = "deepspeed.runtime.engine"
 
 
-def prepare_for_capture(model: nn.Module) -> int:
+def prepare_for_capture(model: nn.Module, *, allow_random_gating: bool = False) -> int:
     """Make the DeepSpeed MoE layers of ``model`` capturable; return how many were found.
 
     Raises graphsched.errors.ConfigError when one uses an option graphsched cannot capture (see
-    :mod:`graphsched.integrations.deepspeed_moe`). Returns 0 at once when DeepSpeed's MoE module was
-    never imported.
+    :mod:`graphsched.integrations.deepspeed_moe`). ``allow_random_gating``: accept gates drawing
+    random numbers; pass True only for a schedule that keeps the captured node order
+    (``schedule="identity"``). Returns 0 at once when DeepSpeed's MoE module was never imported.
     """
     if _DEEPSPEED_MOE_MODULE not in sys.modules:
         return 0
     from graphsched.integrations.deepspeed_moe import make_capturable
 
-    return make_capturable(model)
+    return make_capturable(model, allow_random_gating=allow_random_gating)
 
 
 def inner_module(model: nn.Module) -> nn.Module:

@@ -14,32 +14,51 @@ float32, from static shapes) instead of a 0-d tensor. The layer turns that tenso
 ``int(C)``, which ``torch.compile`` can only trace as a data-dependent scalar: without the swap the
 layer's graph breaks in two there unless ``fullgraph=True``.
 
+Without the swap, ``torch.compile`` does trace ``_AllToAll`` (Dynamo rewrites the in-place
+``dist.all_to_all_single`` into a functional collective followed by a copy into a fresh buffer),
+but only while DeepSpeed's communication wrapper stays traceable (its comms logger and profilers
+are not), and every wait is then read by an extra copy.
+
 Nothing global changes: the DeepSpeed modules keep their code, other ``MOELayer`` instances run
 as before, parameters and ``state_dict`` keys are untouched (``isinstance(layer, MOELayer)`` still
 holds, so the DeepSpeed engine, its expert groups and its checkpoints see the same model), and
 :func:`restore` switches the layers back.
 
 Supported (checked with DeepSpeed 0.19.8, 2 gloo ranks, ZeRO stage 1: losses and parameters after 3
-training steps bitwise equal to the unwrapped model):
+training steps bitwise equal to the unwrapped model, each layer's two all-to-alls captured in one
+forward and one backward graph):
 
-* ``deepspeed.moe.layer.MoE`` with ``k=1`` or ``k=2`` (and ``k>2``, DeepSpeed's top-k gating),
-  any ``ep_size`` dividing the world size, ``ep_size=1``, ``use_residual``, ``capacity_factor`` /
-  ``eval_capacity_factor`` / ``min_capacity``, train and eval mode, ``used_token`` masks;
-* ``use_rts=True`` and ``noisy_gate_policy="Jitter"`` / ``"RSample"`` and
-  ``top2_2nd_expert_sampling=True``: the random draws are captured as random ops that consume the
-  generator exactly as eager does, so results stay bitwise equal for the same seed.
+* ``deepspeed.moe.layer.MoE`` with ``k=1``, ``k=2`` or ``k>2`` (DeepSpeed's top-k gating),
+  ``drop_tokens=True``, any ``capacity_factor`` / ``eval_capacity_factor`` / ``min_capacity``,
+  any ``ep_size`` dividing the world size (``ep_size=1`` captures too, with nothing to overlap),
+  ``use_residual``, train and eval mode;
+* random gating (``use_rts=True``, ``noisy_gate_policy="Jitter"`` or ``"RSample"``,
+  ``top2_2nd_expert_sampling=True``) only with ``allow_random_gating=True``, which
+  :func:`wrap_deepspeed_moe` passes for ``schedule="identity"``. Captured random ops draw from the
+  generator exactly as eager does, but they have no data inputs, so a schedule that reorders
+  independent nodes may swap two draws (measured: two draws in one layer under
+  ``schedule="reverse_independent"`` changed the loss at step 1) and the run no longer matches eager.
 
 Refused with :class:`~graphsched.errors.ConfigError` (each message names the fix):
 
-* ``drop_tokens=False``: the capacity is the largest expert load, all-reduced over the
-  expert-parallel group: a data-dependent shape;
+* random gating without ``allow_random_gating`` (fix: ``use_rts=False``, ``noisy_gate_policy=None``,
+  ``top2_2nd_expert_sampling=False``, or ``schedule="identity"``);
+* ``drop_tokens=False``: the capacity is the largest expert load all-reduced over the
+  expert-parallel group, a data-dependent shape (measured: the model splits into 11 graphs);
 * ``use_tutel=True`` with Tutel installed: Tutel's dispatch kernels are opaque to capture;
-* tensor-parallel experts or non-experts (``groups.mpu`` with a tensor-parallel size above 1,
-  ``enable_expert_tensor_parallelism``): the token drop/gather collectives are not supported;
-* ``wall_clock_breakdown`` timers on the layer or its gate: they synchronise the device inside the
-  forward;
-* subclasses of ``MOELayer`` or ``TopKGate`` with their own forward (graphsched cannot vouch for
-  them), and DeepSpeed versions whose ``MOELayer.forward`` does not call ``_AllToAll``.
+* tensor parallelism (``groups.mpu`` with a tensor-parallel size above 1,
+  ``enable_expert_tensor_parallelism=True``): its token drop/gather collectives are not supported;
+* ``"wall_clock_breakdown": true`` in the DeepSpeed config: the engine turns on timers in every MoE
+  layer, which synchronise inside the forward (measured: 8 graphs instead of 1);
+* subclasses of ``MOELayer`` or ``TopKGate`` with their own code, and DeepSpeed versions whose
+  ``MOELayer.forward`` does not call ``_AllToAll``.
+
+Under ``deepspeed.initialize`` keep ``fullgraph=False`` (graphsched's default): the engine's forward
+hooks (host timers) cannot be traced, so with ``fullgraph=False`` they run eagerly around the
+model's graph, which is still captured whole; :func:`wrap_deepspeed_moe` refuses
+``fullgraph=True`` on an engine's model. Without an engine, ``fullgraph=True`` works, except for
+random gating on the very first call: DeepSpeed then fills its module-level caches of random
+distributions, a side effect ``fullgraph=True`` cannot trace.
 
 DeepSpeed's AutoEP layers (``deepspeed.module_inject.auto_ep_layer``) are a different code path and
 are left alone.
@@ -171,20 +190,34 @@ def _tensor_parallel_size() -> int:
     return bwc_tensor_model_parallel_world_size(ds_groups.mpu)
 
 
-def unsupported_options(name: str, layer: MOELayer, wrapper: MoE | None = None) -> list[str]:
+def _random_gating(gate: TopKGate) -> list[str]:
+    """The options that make ``gate`` draw random numbers (in training, some also in eval)."""
+    found = []
+    if gate.k == 1 and gate.use_rts:
+        found.append("use_rts=True")
+    if gate.noisy_gate_policy in ("Jitter", "RSample"):
+        found.append(f"noisy_gate_policy={gate.noisy_gate_policy!r}")
+    if gate.k == 2 and gate.top2_2nd_expert_sampling:
+        found.append("top2_2nd_expert_sampling=True")
+    return found
+
+
+def unsupported_options(
+    name: str, layer: MOELayer, wrapper: MoE | None = None, allow_random_gating: bool = False
+) -> list[str]:
     """Why ``layer`` cannot be made capturable: one message per problem, each naming the fix."""
     where = f"DeepSpeed MoE layer {name or '<root>'!r}"
     problems: list[str] = []
     if type(layer) not in (MOELayer, CapturableMOELayer):
         problems.append(
             f"{where} is a {type(layer).__name__}, a subclass of MOELayer with its own code; "
-            "graphsched only converts DeepSpeed's MOELayer itself. Use deepspeed.moe.layer.MoE."
+            "graphsched only converts DeepSpeed's MOELayer itself. Fix: use deepspeed.moe.layer.MoE."
         )
     gate = layer.gate
     if type(gate) not in (TopKGate, CapturableTopKGate):
         problems.append(
             f"{where} uses the gate {type(gate).__name__}; graphsched supports DeepSpeed's TopKGate "
-            "only. Build the layer with deepspeed.moe.layer.MoE."
+            "only. Fix: build the layer with deepspeed.moe.layer.MoE."
         )
     else:
         if not gate.drop_tokens:
@@ -193,6 +226,14 @@ def unsupported_options(name: str, layer: MOELayer, wrapper: MoE | None = None) 
                 "over the expert-parallel group, a data-dependent shape that cannot be captured. "
                 "Fix: MoE(..., drop_tokens=True) with a capacity_factor large enough for your load "
                 "(e.g. 1.25 to 2.0)."
+            )
+        random = _random_gating(gate)
+        if random and not allow_random_gating:
+            problems.append(
+                f"{where} draws random numbers in its gating ({', '.join(random)}); a schedule that "
+                "reorders independent nodes may swap random draws, so the run would no longer match "
+                "eager. Fix: MoE(..., use_rts=False, noisy_gate_policy=None, "
+                "top2_2nd_expert_sampling=False), or wrap with schedule='identity'."
             )
     if getattr(layer, "use_tutel", False):
         problems.append(
@@ -212,18 +253,19 @@ def unsupported_options(name: str, layer: MOELayer, wrapper: MoE | None = None) 
     return problems
 
 
-def check_supported(model: nn.Module) -> None:
+def check_supported(model: nn.Module, allow_random_gating: bool = False) -> None:
     """Raise ConfigError listing every DeepSpeed MoE option in ``model`` graphsched cannot capture."""
     wrappers = {id(m.deepspeed_moe): m for m in model.modules() if isinstance(m, MoE)}
     problems: list[str] = []
     layers = find_moe_layers(model)
     for name, layer in layers:
-        problems += unsupported_options(name, layer, wrappers.get(id(layer)))
-    if layers and _tensor_parallel_size() > 1:
+        problems += unsupported_options(name, layer, wrappers.get(id(layer)), allow_random_gating)
+    tp = _tensor_parallel_size()
+    if layers and tp > 1:
         problems.append(
-            f"DeepSpeed runs with tensor parallelism of size {_tensor_parallel_size()} (groups.mpu); "
-            "the MoE layers' token drop/gather collectives are not supported by graphsched. Fix: "
-            "train without tensor parallelism (no mpu), or leave the model unwrapped."
+            f"DeepSpeed runs with tensor parallelism of size {tp} (groups.mpu); the MoE layers' "
+            "token drop/gather collectives are not supported by graphsched. Fix: train without "
+            "tensor parallelism, or leave the model unwrapped."
         )
     if problems:
         raise ConfigError(
@@ -231,14 +273,17 @@ def check_supported(model: nn.Module) -> None:
         )
 
 
-def make_capturable(model: nn.Module) -> int:
+def make_capturable(model: nn.Module, *, allow_random_gating: bool = False) -> int:
     """Switch every DeepSpeed ``MOELayer`` in ``model`` to its capturable form; return how many.
 
-    Idempotent. Raises ConfigError (before changing anything) when a layer uses an option graphsched
-    cannot capture. Works before or after ``deepspeed.initialize``; the layer's expert-parallel group
-    must be set (``deepspeed.initialize`` does it) before the first forward.
+    Idempotent. Raises ConfigError, before changing anything, when a layer uses an option graphsched
+    cannot capture. ``allow_random_gating``: accept gates that draw random numbers; pass True only
+    when the schedule keeps nodes in captured order (``schedule="identity"``). Works before or after
+    ``deepspeed.initialize``, but options the engine sets on the layers (timers) are only seen
+    after it; the layers' expert-parallel group must be set (``deepspeed.initialize`` does it)
+    before the first forward.
     """
-    check_supported(model)
+    check_supported(model, allow_random_gating)
     layers = find_moe_layers(model)
     for _, layer in layers:
         layer.__class__ = CapturableMOELayer
@@ -258,11 +303,10 @@ def restore(model: nn.Module) -> int:
     return count
 
 
-def _engine_forward_hooks(module: nn.Module) -> list[str]:
-    """Names of the forward hooks a DeepSpeedEngine put on ``module`` (timers, profilers)."""
+def _engine_forward_hooks(module: nn.Module) -> int:
+    """How many forward hooks a DeepSpeedEngine put on ``module`` (host timers, profilers)."""
     hooks = list(module._forward_pre_hooks.values()) + list(module._forward_hooks.values())
-    names = [getattr(h, "__qualname__", "") for h in hooks]
-    return [n for n in names if n.startswith("DeepSpeedEngine.")]
+    return sum(1 for h in hooks if getattr(h, "__qualname__", "").startswith("DeepSpeedEngine."))
 
 
 def wrap_deepspeed_moe(model: nn.Module, config: GraphschedConfig | None = None, **options: Any) -> nn.Module:
@@ -271,7 +315,8 @@ def wrap_deepspeed_moe(model: nn.Module, config: GraphschedConfig | None = None,
     ``model`` is a module holding DeepSpeed MoE layers or a ``DeepSpeedEngine`` (its ``.module`` is
     wrapped in place, so ``engine(batch)`` runs the captured graphs). Options are graphsched's
     (``GraphschedConfig`` fields). Call it after ``deepspeed.initialize``, so that the options the
-    engine sets on the layers are checked too.
+    engine sets on the layers are checked too. Random gating is accepted with
+    ``schedule="identity"`` only (see the module docstring).
     """
     from graphsched.api import wrap
     from graphsched.integrations import inner_module
@@ -281,13 +326,12 @@ def wrap_deepspeed_moe(model: nn.Module, config: GraphschedConfig | None = None,
         config = GraphschedConfig.from_options(**options)
     elif options:
         config = config.replace(**options)
-    hooks = _engine_forward_hooks(inner)
-    if config.fullgraph and hooks:
+    if config.fullgraph and _engine_forward_hooks(inner):
         raise ConfigError(
             "fullgraph=True cannot capture the forward hooks the DeepSpeed engine puts on the model "
-            f"({', '.join(hooks)}: host timers). Fix: leave fullgraph=False (the default); the hooks "
-            "then run eagerly around the model's graph and the model itself is still captured whole."
+            "(host timers). Fix: leave fullgraph=False (the default): the hooks then run eagerly "
+            "around the model's graph, and the model itself is still captured whole."
         )
-    make_capturable(inner)
+    make_capturable(inner, allow_random_gating=config.schedule == "identity")
     wrap(inner, config)
     return model

@@ -30,6 +30,8 @@ class ParitySpec:
     check_inference: bool = True
     #: Collect graphsched.explain's text and the plans on rank 0.
     collect_report: bool = True
+    #: Record the last step's wrapped forward and backward with graphsched.record (ParityResult.timings).
+    record_last_step: bool = False
 
 
 @dataclass
@@ -53,6 +55,8 @@ class ParityResult:
     dropped_tokens: int = 0
     #: Violations of the phase-label rules in backward graphs (empty when labels are right).
     label_problems: list[str] = field(default_factory=list)
+    #: TaskTimings of the last step's wrapped forward and backward (with ParitySpec.record_last_step).
+    timings: list[Any] = field(default_factory=list)
 
     @property
     def losses_bitwise_equal(self) -> bool:
@@ -100,7 +104,9 @@ def _count_dropped(model: torch.nn.Module, idx: torch.Tensor) -> int:
     return int((~routed).sum())
 
 
-def run_parity(rank: int, world_size: int, spec: ParitySpec) -> ParityResult:
+def run_parity(
+    rank: int, world_size: int, spec: ParitySpec, cost_fn: Any = None
+) -> ParityResult:
     """Per-rank body (for graphsched.testing.run_distributed)."""
     import graphsched
     from graphsched.analysis.labels import GraphKind, NodeKind, Phase
@@ -112,19 +118,26 @@ def run_parity(rank: int, world_size: int, spec: ParitySpec) -> ParityResult:
     group = dist.group.WORLD if dist.is_initialized() else None
     eager = _build(config, spec.seed, group, device)
     wrapped = _build(config, spec.seed, group, device)
-    graphsched.wrap(wrapped, **spec.wrap_options)
+    graphsched.wrap(wrapped, cost_fn=cost_fn, **spec.wrap_options)
     opt_e = torch.optim.AdamW(eager.parameters(), lr=spec.lr)
     opt_w = torch.optim.AdamW(wrapped.parameters(), lr=spec.lr)
 
     steps: list[StepResult] = []
+    recorded: list[Any] = []
     for step in range(spec.steps):
         idx, targets = make_batch(config, spec.batch_size, seed=spec.seed + 1000 * step + rank, device=device)
         opt_e.zero_grad(set_to_none=True)
         opt_w.zero_grad(set_to_none=True)
         loss_e = eager(idx, targets)
         loss_e.backward()
-        loss_w = wrapped(idx, targets)
-        loss_w.backward()
+        if spec.record_last_step and step == spec.steps - 1:
+            with graphsched.record(wrapped, rank=rank) as recorder:
+                loss_w = wrapped(idx, targets)
+                loss_w.backward()
+            recorded = list(recorder.timings)
+        else:
+            loss_w = wrapped(idx, targets)
+            loss_w.backward()
         diff, equal = 0.0, True
         for (name, pe), pw in zip(eager.named_parameters(), wrapped.parameters()):
             if pe.grad is None and pw.grad is None:
@@ -138,7 +151,7 @@ def run_parity(rank: int, world_size: int, spec: ParitySpec) -> ParityResult:
         opt_e.step()
         opt_w.step()
 
-    result = ParityResult(rank=rank, steps=steps)
+    result = ParityResult(rank=rank, steps=steps, timings=recorded)
     result.params_bitwise_equal_after = all(
         torch.equal(pe, pw) for pe, pw in zip(eager.parameters(), wrapped.parameters())
     )
