@@ -12,7 +12,8 @@ Its gate switches to :class:`CapturableTopKGate`: the same routing computation, 
 hands to the layer is the Python int DeepSpeed's ``_capacity`` computes (replicated exactly in
 float32, from static shapes) instead of a 0-d tensor. The layer turns that tensor into an int with
 ``int(C)``, which ``torch.compile`` can only trace as a data-dependent scalar: without the swap the
-layer's graph breaks in two there unless ``fullgraph=True``.
+layer's graph breaks in two there unless ``fullgraph=True``. (The capacity is a function of static
+shapes; graphsched compiles with ``dynamic=False``.)
 
 Without the swap, ``torch.compile`` does trace ``_AllToAll`` (Dynamo rewrites the in-place
 ``dist.all_to_all_single`` into a functional collective followed by a copy into a fresh buffer),
