@@ -323,11 +323,6 @@ def test_backward_graph_runs_under_a_plan(results):
     assert [reasons[name] for name in reasons if name.endswith(".backward")] == [None]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DeepSpeed's top-2 gating leaves a lifted tensor constant (get_attr node) in the forward "
-    "graph, which the plan executor does not handle yet: that graph runs unscheduled",
-)
 def test_forward_graph_with_top2_gating_runs_under_a_plan(results):
     reasons = {name: reason for name, reason, n in results[0]["graphs"] if n}
     assert [reasons[name] for name in reasons if name.endswith(".forward")] == [None]

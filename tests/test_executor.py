@@ -153,3 +153,55 @@ def test_plan_json_round_trip_keeps_the_content_hash(captured):
     assert again.content_hash() == plan.content_hash()
     other = _plan(gm, captured_order(gm))
     assert other.content_hash() != plan.content_hash()
+
+
+class TwoDropouts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 16)
+
+    def forward(self, x):
+        # Two independent branches that each draw random numbers.
+        return (nn.functional.dropout(self.a(x), 0.5) + nn.functional.dropout(self.b(x), 0.5)).sum()
+
+
+def test_random_ops_keep_their_captured_order_under_any_schedule():
+    torch.manual_seed(0)
+    model = TwoDropouts()
+    graphs = _capture(model, torch.randn(4, 16))
+    gm = graphs["fw"]
+    order = reverse_independent_order(gm)
+    from graphsched.analysis.graph import is_random
+
+    randoms = [n.name for n in gm.graph.nodes if is_random(n)]
+    assert len(randoms) >= 2
+    captured = [n for n in captured_order(gm) if n in randoms]
+    assert [n for n in order if n in randoms] == captured
+    torch.manual_seed(5)
+    reference = gm(*_example_args(gm))
+    torch.manual_seed(5)
+    out = GraphExecutor(gm, _plan(gm, order))(_example_args(gm))
+    assert all(torch.equal(a, b) for a, b in zip(out, reference) if isinstance(a, torch.Tensor))
+
+
+def test_a_plan_that_reorders_random_ops_is_rejected():
+    torch.manual_seed(0)
+    gm = _capture(TwoDropouts(), torch.randn(4, 16))["fw"]
+    from graphsched.analysis.graph import is_random
+
+    randoms = [n.name for n in gm.graph.nodes if is_random(n)]
+    first, second = randoms[0], randoms[1]
+    # A data-valid order that runs the second draw (and what it needs) before the first.
+    by_name = {n.name: n for n in gm.graph.nodes}
+    needed, stack = set(), [by_name[second]]
+    while stack:
+        n = stack.pop()
+        if n.op == "call_function" and n.name not in needed:
+            needed.add(n.name)
+            stack.extend(n.all_input_nodes)
+    assert first not in needed
+    captured = captured_order(gm)
+    order = [n for n in captured if n in needed] + [n for n in captured if n not in needed]
+    with pytest.raises(PlanError, match="reorders random ops"):
+        GraphExecutor(gm, _plan(gm, order))

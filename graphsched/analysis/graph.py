@@ -110,12 +110,30 @@ def collective_nbytes(node: fx.Node) -> int:
     return 0
 
 
+def is_random(node: fx.Node) -> bool:
+    """Ops that draw from the global RNG: their relative order decides the numbers they draw."""
+    target = node.target
+    return (
+        node.op == "call_function"
+        and isinstance(target, torch._ops.OpOverload)
+        and torch.Tag.nondeterministic_seeded in target.tags
+    )
+
+
+def random_order_edges(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
+    """Edges chaining random ops in captured order, so no schedule reorders their draws."""
+    randoms = [n for n in graph.nodes if is_random(n)]
+    return list(zip(randoms, randoms[1:]))
+
+
 def build_dag(graph: fx.Graph) -> nx.DiGraph:
     dag = nx.DiGraph()
     for n in graph.nodes:
         dag.add_node(n.name)
         for inp in n.all_input_nodes:
             dag.add_edge(inp.name, n.name)
+    for a, b in random_order_edges(graph):
+        dag.add_edge(a.name, b.name, order_only=True)
     return dag
 
 

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch.fx as fx
 
-from graphsched.analysis.graph import GraphAnalysis
+from graphsched.analysis.graph import GraphAnalysis, random_order_edges
 from graphsched.analysis.labels import NodeKind, Phase
 from graphsched.plan import COMM_STREAM, COMPUTE_STREAM, Plan, Task
 
@@ -88,14 +88,21 @@ def reverse_independent_order(gm: fx.GraphModule) -> list[str]:
     """A topological order that, among ready nodes, always takes the one captured last."""
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     position = {n: i for i, n in enumerate(nodes)}
-    pending = {n: sum(1 for i in n.all_input_nodes if i in position) for n in nodes}
+    # Data edges plus the chain that keeps random ops in captured order.
+    users: dict[fx.Node, list[fx.Node]] = {n: [u for u in n.users if u in position] for n in nodes}
+    for a, b in random_order_edges(gm.graph):
+        users[a].append(b)
+    pending = {n: 0 for n in nodes}
+    for n in nodes:
+        for u in users[n]:
+            pending[u] += 1
     ready = [(-position[n], n.name, n) for n in nodes if pending[n] == 0]
     heapq.heapify(ready)
     order: list[str] = []
     while ready:
         _, _, n = heapq.heappop(ready)
         order.append(n.name)
-        for u in n.users:
+        for u in users[n]:
             if u in pending:
                 pending[u] -= 1
                 if pending[u] == 0:

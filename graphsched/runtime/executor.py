@@ -64,6 +64,18 @@ class _Instr:
     needs_event: bool
 
 
+def _is_random(node: fx.Node) -> bool:
+    t = node.target
+    return isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def validate_plan(graph: fx.Graph, plan: Plan) -> list[fx.Node]:
     """Check that ``plan`` covers every compute node of ``graph`` once, in a topological order.
 
@@ -92,6 +104,13 @@ def validate_plan(graph: fx.Graph, plan: Plan) -> list[fx.Node]:
                 )
         seen.add(name)
         nodes.append(node)
+    position = {name: i for i, name in enumerate(order)}
+    randoms = [n.name for n in graph.nodes if _is_random(n) and n.name in position]
+    if any(position[a] > position[b] for a, b in zip(randoms, randoms[1:])):
+        raise PlanError(
+            f"plan {plan.graph_name!r} reorders random ops ({randoms[:4]}...): they would draw "
+            "other numbers than the unscheduled model. Keep random ops in captured order."
+        )
     missing = [n.name for n in graph.nodes if n.op == "call_function" and n.name not in seen]
     if missing:
         raise PlanError(
@@ -121,6 +140,8 @@ class GraphExecutor:
         graph = gm.graph
         ordered = validate_plan(graph, plan)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        # Lifted constants (get_attr) are read from the module once; they behave like inputs.
+        constants = [n for n in graph.nodes if n.op == "get_attr"]
         output = next(n for n in graph.nodes if n.op == "output")
 
         stream_of: dict[str, str] = {}
@@ -132,6 +153,9 @@ class GraphExecutor:
         index: dict[fx.Node, int] = {}
         for n in placeholders:
             index[n] = len(index)
+        for n in constants:
+            index[n] = len(index)
+        self._constants = [(index[n], _fetch_attr(gm, str(n.target))) for n in constants]
         for n in ordered:
             index[n] = len(index)
         self._n_slots = len(index)
@@ -220,6 +244,8 @@ class GraphExecutor:
             verify(self.plan)
         env: list[Any] = [None] * self._n_slots
         env[: self._n_inputs] = args
+        for slot, value in self._constants:
+            env[slot] = value
         # Boxed convention: drop the caller's references so that inputs die at their last use.
         args.clear()
         streams = self._stream_set()
