@@ -95,14 +95,26 @@ def wrap(
         config = GraphschedConfig.from_options(**options)
     elif options:
         config = config.replace(**options)
+    from graphsched.integrations import inner_module, prepare_for_capture
+
+    target = inner_module(model)  # a DeepSpeed engine: wrap the module it trains
+    if target is not model:
+        wrap(target, config, planner=planner, cost_fn=cost_fn)
+        return model
     if getattr(model, _STATE_ATTR, None) is not None:
         unwrap(model)
+    # DeepSpeed MoE layers get a capturable all-to-all (per instance; nothing global changes).
+    # Random gating is accepted only where nothing is reordered.
+    prepare_for_capture(model, allow_random_gating=config.schedule == "identity")
     log = CaptureLog()
+    from graphsched.partition.chunking import make_graph_transform
+
     backend = GraphschedBackend(
         config,
         planner or make_planner(config),
         cost_fn or default_cost_fn(config, _model_device(model)),
         log,
+        graph_transform=make_graph_transform(config),
     )
     # dynamic=False: a new input shape recompiles into new static-shape graphs, which the cost
     # model and planner can reason about, instead of symbolic-shape graphs.

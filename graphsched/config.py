@@ -39,6 +39,12 @@ class GraphschedConfig:
     #: Free each intermediate tensor right after its last use, as the captured graph does.
     free_after_last_use: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Micro-chunks per all-to-all region: 1 = off; an int k = every region cut into k chunks
+    #: (Tutel-style; at most the region's cut extent); "auto" = per region, the k of
+    #: {1, 2, 4, 8} (up to max_chunks) with the least predicted step time.
+    chunks: int | str = 1
+    #: Largest extra buffer memory (bytes) chunking may add to one region; None = no limit.
+    memory_limit_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -57,6 +63,21 @@ class GraphschedConfig:
         if not isinstance(self.max_chunks, int) or not (1 <= self.max_chunks <= 64):
             raise ConfigError(
                 f"max_chunks={self.max_chunks!r} must be an integer in 1..64 (8 is a good limit)."
+            )
+        if self.chunks != "auto" and (
+            not isinstance(self.chunks, int) or isinstance(self.chunks, bool) or not (1 <= self.chunks <= self.max_chunks)
+        ):
+            raise ConfigError(
+                f"chunks={self.chunks!r} must be 1 (off), an integer in 2..max_chunks="
+                f"{self.max_chunks} or \"auto\"; raise max_chunks for more chunks."
+            )
+        if self.memory_limit_bytes is not None and (
+            not isinstance(self.memory_limit_bytes, int) or isinstance(self.memory_limit_bytes, bool)
+            or self.memory_limit_bytes < 0
+        ):
+            raise ConfigError(
+                f"memory_limit_bytes={self.memory_limit_bytes!r} must be None (no limit) or an "
+                "integer >= 0 (bytes of extra buffers chunking may add per region, e.g. 2**30)."
             )
 
     @classmethod

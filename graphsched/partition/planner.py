@@ -28,6 +28,7 @@ from graphsched.partition.plans import module_path
 from graphsched.partition.problem import COMM, Schedule
 from graphsched.partition.simulate import lower_bound, simulate
 from graphsched.plan import COMM_STREAM, COMPUTE_STREAM, ModelPlan, Plan, Task
+from graphsched.runtime.agreement import agree_on_costs as agree_costs_across_ranks
 from graphsched.runtime.agreement import broadcast_plan, world_is_distributed
 
 log = logging.getLogger("graphsched.partition")
@@ -51,9 +52,7 @@ def agree_on_costs(analysis: GraphAnalysis) -> None:
     """Replace each node's cost by the maximum over ranks, so every rank plans from equal numbers."""
     if not world_is_distributed():
         return
-    from graphsched.analysis.commmodel import agree_costs
-
-    agreed = agree_costs(_costs_of(analysis), reduce="max")
+    agreed = agree_costs_across_ranks(_costs_of(analysis))
     for name, cost in agreed.items():
         analysis.dag.nodes[name]["cost"] = cost
 

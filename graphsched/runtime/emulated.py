@@ -182,8 +182,8 @@ class EmulatedLink:
     """The interconnect of the emulated rank: a copy stream per CUDA device and staging buffers.
 
     ``transfer(nbytes, device)`` queues ``nbytes`` of device -> pinned-host copies on the link's copy
-    stream; ``copy_bandwidth_gbps(device)`` measures that rate once (the median of repeated copies
-    of the staging buffer).
+    stream; ``copy_bandwidth_gbps(device)`` measures that rate once (the median over chains of
+    back-to-back copies of the staging buffer).
     """
 
     def __init__(self, staging_mib: int = 64, copy_bandwidth_gbps: float | None = None) -> None:
@@ -206,8 +206,7 @@ class EmulatedLink:
         with self._lock:
             if index not in self._device_buf:
                 # Filled with a pattern (not zeros): copy speed must not depend on the content.
-                dev = torch.empty(self.staging_bytes, dtype=torch.uint8, device=index)
-                dev.copy_(torch.arange(self.staging_bytes, device=index) % 251)
+                dev = torch.randint(0, 256, (self.staging_bytes,), dtype=torch.uint8, device=index)
                 self._device_buf[index] = dev
                 self._host_buf[index] = torch.empty(
                     self.staging_bytes, dtype=torch.uint8, pin_memory=True
@@ -228,23 +227,26 @@ class EmulatedLink:
             self._measured[index] = self._measure(index)
         return self._measured[index]
 
-    def _measure(self, index: int, repeats: int = 9) -> float:
+    def _measure(self, index: int, repeats: int = 7, chain: int = 4) -> float:
+        # Chains of back-to-back copies, as a long collective issues them: the sustained rate
+        # (a single copy's figure runs a few percent under it).
         dev, host = self._buffers(index)
         stream = self.stream(torch.device("cuda", index))
         torch.cuda.synchronize(index)
         times = []
         with torch.cuda.stream(stream):
-            for i in range(repeats + 2):
+            for i in range(repeats + 1):
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
                 start.record(stream)
-                host.copy_(dev, non_blocking=True)
+                for _ in range(chain):
+                    host.copy_(dev, non_blocking=True)
                 end.record(stream)
                 end.synchronize()
-                if i >= 2:  # the first copies warm up the path
+                if i >= 1:  # the first chain warms up the path
                     times.append(start.elapsed_time(end) / 1e3)
         times.sort()
-        return self.staging_bytes / times[len(times) // 2] / _GB
+        return chain * self.staging_bytes / times[len(times) // 2] / _GB
 
     def transfer(self, nbytes: int, device: torch.device) -> int:
         """Queue ``nbytes`` of device -> host copies on the current stream (the link's copy stream)."""
@@ -543,6 +545,35 @@ class EmulatedProcessGroup(dist.ProcessGroup):
                 self._reduce_in_place(out, op)
 
         return self._run("reduce_scatter", ref, list(output_tensors), move, wire)
+
+    # Newer torch versions route the plain torch.distributed calls through these names; older ones
+    # (and the functional collectives) through the underscored ones above.
+
+    def all_to_all_single(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_split_sizes: list[int],
+        input_split_sizes: list[int],
+        opts: Any = None,
+    ) -> Any:
+        return self.alltoall_base(output, input, output_split_sizes, input_split_sizes, opts)
+
+    def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> Any:
+        return self._allgather_base(output, input, opts)
+
+    def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> Any:
+        return self._reduce_scatter_base(output, input, opts)
+
+    def all_gather_single_coalesced(
+        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None
+    ) -> Any:
+        return self.allgather_into_tensor_coalesced(outputs, inputs, opts)
+
+    def reduce_scatter_single_coalesced(
+        self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None
+    ) -> Any:
+        return self.reduce_scatter_tensor_coalesced(outputs, inputs, opts)
 
     def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:
         # The root's data is this rank's (every peer is a replica): nothing changes.

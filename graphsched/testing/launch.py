@@ -8,6 +8,7 @@ rank's traceback, so a failing test reads like a single-process failure.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import pickle
 import socket
@@ -43,6 +44,8 @@ def _worker(
     # Two ranks on two cores: more intra-op threads than cores only adds contention.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     path = os.path.join(result_dir, f"rank{rank}.pkl")
+    # A rank stuck in a collective prints every thread's stack before the group times out.
+    faulthandler.dump_traceback_later(max(1.0, 0.9 * timeout_s), exit=False)
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)

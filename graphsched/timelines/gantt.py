@@ -62,9 +62,11 @@ def write_gantt_png(path: str | Path, timelines: TimelinesLike, dpi: int = 100, 
             if exposed:
                 ax.broken_barh(exposed, (y_compute - 0.5, 2.0), facecolors=EXPOSED_COLOUR, alpha=0.25,
                                linewidth=0, zorder=1)
-            if k == 0:
-                for graph, (start, _end) in tl.graph_spans(rank).items():
-                    ax.axvline(start * 1e3, color="black", linewidth=0.6, linestyle=":", zorder=3)
+            # Graph boundaries per rank: ranks start their graphs at different times.
+            for graph, (start, _end) in tl.graph_spans(rank).items():
+                ax.vlines(start * 1e3, y_compute - 0.5, y_comm + 0.5, colors="black", linewidth=0.6,
+                          linestyles=":", zorder=3)
+                if k == 0:
                     ax.annotate(graph, (start * 1e3, -0.5), xytext=(2, 2), textcoords="offset points",
                                 fontsize=8, va="bottom")
         ax.set_yticks(ticks, labels)

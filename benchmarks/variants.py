@@ -1,0 +1,483 @@
+"""The variants the harness compares, each measured the same way on the same emulated group.
+
+Every variant is the reference MoE GPT (``graphsched.models.MoEGPT``) built from the same seed on
+the same emulated expert-parallel group, fed the same batch; a step is forward + backward (and an
+optimizer step with ``--optimizer``). What differs is how the step is run:
+
+* ``eager``: the model as written;
+* ``inductor``: ``torch.compile`` (inductor), default settings;
+* ``inductor-reorder``: inductor with its compute/communication reordering passes
+  (``reorder_for_compute_comm_overlap`` and the passes this torch version has);
+* ``inductor-overlap``: inductor with its ATen-level overlap scheduler
+  (``aten_distributed_optimizations.enable_overlap_scheduling``), where this torch version has it;
+* ``deepspeed``: the same GPT whose MoE layers are DeepSpeed's ``deepspeed.moe.layer.MoE`` (eager);
+* ``graphsched-identity``: graphsched's runtime replaying the captured order (no scheduling: the
+  runtime's own cost);
+* ``graphsched-ilp``: ``graphsched.wrap(schedule="ilp")``: weight-gradient scheduling;
+* ``graphsched-chunks2`` / ``-chunks4``: ILP plus regions cut into 2 / 4 micro-chunks, and
+  ``graphsched-full``: ILP plus ``chunks="auto"`` (skipped while GraphschedConfig has no ``chunks``);
+* ``compute-only`` (and ``-inductor`` / ``-deepspeed``): the same step on a twin group that moves
+  no bytes (infinite bandwidth): compute alone, the step of each family without communication;
+* ``comm-only``: the collectives of one eager step, replayed back to back on buffers of the same
+  shapes: communication alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import importlib.util
+import os
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from benchmarks.presets import BenchPreset
+from benchmarks.timing import Timing, synchronize, time_steps
+from graphsched.models import MoEGPT
+from graphsched.runtime.emulated import CollectiveCall, EmulatedProcessGroup
+
+#: Which compute-only variant is the "no communication" twin of each family.
+COMPUTE_ONLY_OF = {
+    "eager": "compute-only",
+    "inductor": "compute-only-inductor",
+    "deepspeed": "compute-only-deepspeed",
+    "graphsched": "compute-only",
+}
+
+
+@dataclass
+class BenchContext:
+    """What every variant shares within one run."""
+
+    preset: BenchPreset
+    device: torch.device
+    world: EmulatedProcessGroup
+    #: the world group's twin with infinite bandwidth (same size, same data, no time on the wire)
+    compute_only: EmulatedProcessGroup
+    batch: tuple[torch.Tensor, torch.Tensor]
+    seed: int = 0
+    optimizer: str = "none"
+    #: "emulated": graphsched costs its collectives with a fit of this group timed on the device
+    graphsched_costs: str = "emulated"
+    cost_fn: Callable[[Any], float] | None = None
+    #: the collectives of one eager step (filled by the eager variant, replayed by comm-only)
+    step_calls: list[CollectiveCall] | None = None
+
+
+@dataclass
+class VariantResult:
+    name: str
+    family: str
+    status: str  # "ok", "skipped" or "failed"
+    reason: str = ""
+    timing: Timing | None = None
+    setup_s: float = 0.0
+    #: bytes a real rank would send per step, and bytes the copy engine moved per step
+    wire_bytes_per_step: float = 0.0
+    copied_bytes_per_step: float = 0.0
+    #: copied bytes the emulation stands for (also counted on CPU, where nothing is copied)
+    emulated_bytes_per_step: float = 0.0
+    collectives_per_step: float = 0.0
+    peak_memory_gb: float | None = None
+    final_loss: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def median_ms(self) -> float | None:
+        return self.timing.median_ms if self.timing is not None else None
+
+
+class Skip(Exception):
+    """A variant that cannot run here (a missing package or option); the reason is reported."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def family_of(name: str) -> str:
+    if name.startswith("graphsched"):
+        return "graphsched"
+    if "inductor" in name:
+        return "inductor"
+    if "deepspeed" in name:
+        return "deepspeed"
+    if name == "comm-only":
+        return "comm"
+    return "eager"
+
+
+def build_reference(ctx: BenchContext, group: dist.ProcessGroup) -> MoEGPT:
+    torch.manual_seed(ctx.seed)
+    model = MoEGPT(ctx.preset.model, process_group=group)
+    return model.to(ctx.device)
+
+
+def _make_optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer | None:
+    if kind == "none":
+        return None
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=1e-4)
+    if kind == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-4)
+    raise ValueError(f"unknown optimizer {kind!r}; use none, sgd or adamw")
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def _wire_totals(groups: list[EmulatedProcessGroup]) -> tuple[int, int, int, int]:
+    wire = sum(g.stats.total_wire_bytes for g in groups)
+    copied = sum(g.stats.copied_bytes for g in groups)
+    calls = sum(n for g in groups for k, n in g.stats.calls.items() if k != "barrier")
+    emulated = sum(g.stats.emulated_bytes for g in groups)
+    return wire, copied, calls, emulated
+
+
+def _per_step(result: VariantResult, before: tuple, after: tuple, steps: int) -> None:
+    result.wire_bytes_per_step = (after[0] - before[0]) / steps
+    result.copied_bytes_per_step = (after[1] - before[1]) / steps
+    result.collectives_per_step = (after[2] - before[2]) / steps
+    result.emulated_bytes_per_step = (after[3] - before[3]) / steps
+
+
+def measure_model(
+    ctx: BenchContext,
+    result: VariantResult,
+    model: nn.Module,
+    groups: list[EmulatedProcessGroup],
+    around: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> nn.Module:
+    """Warm up and time ``model`` on the context's batch; fill ``result``. Returns the model."""
+    idx, targets = ctx.batch
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _make_optimizer(ctx.optimizer, model)
+    losses: list[torch.Tensor] = []
+
+    def zero_grads() -> None:
+        for p in params:
+            p.grad = None
+
+    def step() -> None:
+        with around():
+            loss = model(idx, targets)
+            loss.backward()
+            if optimizer is not None:
+                optimizer.step()
+        losses[:] = [loss.detach()]
+
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t0 = time.perf_counter()
+        for _ in range(max(1, ctx.preset.warmup)):
+            zero_grads()
+            step()
+        synchronize(ctx.device)
+        result.setup_s = time.perf_counter() - t0
+    seen = set()
+    for w in caught:
+        text = f"{w.category.__name__}: {w.message}"
+        if "graphsched" in text.lower() and text not in seen:
+            seen.add(text)
+            result.notes.append(text[:400])
+    before = _wire_totals(groups)
+    result.timing = time_steps(step, ctx.device, warmup=0, steps=ctx.preset.steps, before=zero_grads)
+    _per_step(result, before, _wire_totals(groups), ctx.preset.steps)
+    if ctx.device.type == "cuda":
+        result.peak_memory_gb = torch.cuda.max_memory_allocated(ctx.device) / 2**30
+    if losses:
+        result.final_loss = float(losses[0].float().cpu())
+    result.status = "ok"
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants
+
+
+def run_eager(ctx: BenchContext, result: VariantResult, compute_only: bool = False) -> None:
+    group = ctx.compute_only if compute_only else ctx.world
+    model = build_reference(ctx, group)
+    measure_model(ctx, result, model, [group])
+    if not compute_only and ctx.step_calls is None:
+        ctx.step_calls = record_step_calls(ctx, model, group)
+
+
+def record_step_calls(
+    ctx: BenchContext, model: nn.Module, group: EmulatedProcessGroup
+) -> list[CollectiveCall]:
+    idx, targets = ctx.batch
+    with group.recording() as calls:
+        model(idx, targets).backward()
+    synchronize(ctx.device)
+    for p in model.parameters():
+        p.grad = None
+    return list(calls)
+
+
+def inductor_patches(kind: str) -> dict[str, Any]:
+    """Inductor config for ``kind`` ("plain", "reorder", "overlap"), from the names this torch has."""
+    cfg = torch._inductor.config
+    if kind == "plain":
+        return {}
+    if kind == "reorder":
+        from torch._inductor import comms
+
+        wanted = (
+            # The sequence torch's config recommends, where this version has those passes ...
+            ["reorder_communication_preserving_peak_memory", "sink_waits_iterative",
+             "reorder_communication_preserving_peak_memory"]
+            if hasattr(comms, "sink_waits_iterative")
+            and hasattr(comms, "reorder_communication_preserving_peak_memory")
+            # ... else the original three.
+            else ["sink_waits", "raise_comms", "reorder_compute_for_overlap"]
+        )
+        passes = [p for p in wanted if hasattr(comms, p)]
+        if not hasattr(cfg, "reorder_for_compute_comm_overlap"):
+            raise Skip("this torch has no torch._inductor.config.reorder_for_compute_comm_overlap")
+        return {
+            "reorder_for_compute_comm_overlap": True,
+            "reorder_for_compute_comm_overlap_passes": passes,
+        }
+    if kind == "overlap":
+        section = getattr(cfg, "aten_distributed_optimizations", None)
+        if section is None or not hasattr(section, "enable_overlap_scheduling"):
+            raise Skip(
+                "this torch has no torch._inductor.config.aten_distributed_optimizations."
+                "enable_overlap_scheduling"
+            )
+        if importlib.util.find_spec("triton") is None:
+            raise Skip("inductor's overlap scheduler benchmarks kernels with triton, not installed")
+        return {"aten_distributed_optimizations.enable_overlap_scheduling": True}
+    raise ValueError(kind)
+
+
+def run_inductor(ctx: BenchContext, result: VariantResult, kind: str, compute_only: bool = False) -> None:
+    patches = inductor_patches(kind)
+    if patches:
+        result.notes.append("inductor config: " + ", ".join(f"{k}={v}" for k, v in patches.items()))
+    group = ctx.compute_only if compute_only else ctx.world
+    model = build_reference(ctx, group)
+    compiled = torch.compile(model)
+
+    def around() -> contextlib.AbstractContextManager:
+        return torch._inductor.config.patch(patches) if patches else contextlib.nullcontext()
+
+    measure_model(ctx, result, compiled, [group], around)
+
+
+def _deepspeed_ready(ctx: BenchContext) -> Any:
+    if importlib.util.find_spec("deepspeed") is None:
+        raise Skip("deepspeed is not importable here (pip install deepspeed)")
+    if ctx.device.type == "cpu" and not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed import comm as ds_comm
+
+    if not ds_comm.is_initialized():
+        deepspeed.init_distributed(dist_backend=str(dist.get_backend(ctx.world)))
+    _forget_stale_deepspeed_groups()
+    return deepspeed
+
+
+def _forget_stale_deepspeed_groups() -> None:
+    """Drop DeepSpeed's cached expert groups of an earlier, destroyed world (a second run in one
+    process would otherwise hand the new model a dead group)."""
+    from deepspeed.utils import groups as ds_groups
+
+    alive = set(dist.distributed_c10d._world.pg_names)
+    for table in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_DATA_PARALLEL_GROUP"):
+        cache = getattr(ds_groups, table, None)
+        if isinstance(cache, dict):
+            for key in [k for k, g in cache.items() if g not in alive]:
+                del cache[key]
+
+
+def run_deepspeed(ctx: BenchContext, result: VariantResult, compute_only: bool = False) -> None:
+    deepspeed = _deepspeed_ready(ctx)
+    from graphsched.integrations.deepspeed_gpt import build_deepspeed_moe_gpt
+
+    result.notes.append(f"deepspeed {deepspeed.__version__}: MoE(ep_size={ctx.world.size()}), eager")
+    model = build_deepspeed_moe_gpt(ctx.preset.model, ep_size=ctx.world.size(), seed=ctx.seed)
+    groups: list[EmulatedProcessGroup] = []
+    for block in model.blocks:
+        if not block.is_moe:
+            continue
+        moe = block.ffn.moe
+        moe.set_deepspeed_parallelism()
+        layer = moe.deepspeed_moe
+        if compute_only:
+            # The same layer on the twin group that moves no bytes.
+            layer.ep_group = ctx.compute_only
+            layer.gate.ep_group = ctx.compute_only
+        if isinstance(layer.ep_group, EmulatedProcessGroup) and layer.ep_group not in groups:
+            groups.append(layer.ep_group)
+    model = model.to(ctx.device)
+    measure_model(ctx, result, model, groups)
+
+
+def graphsched_options(kind: str) -> dict[str, Any]:
+    from graphsched.config import GraphschedConfig
+
+    fields = {f.name for f in dataclasses.fields(GraphschedConfig)}
+    options: dict[str, Any]
+    if kind == "identity":
+        options = {"schedule": "identity"}
+    elif kind == "ilp":
+        options = {"schedule": "ilp"}
+    elif kind in ("chunks2", "chunks4", "full"):
+        if "chunks" not in fields:
+            raise Skip("GraphschedConfig has no 'chunks' option in this version of graphsched")
+        chunks: Any = {"chunks2": 2, "chunks4": 4, "full": "auto"}[kind]
+        options = {"schedule": "ilp", "chunks": chunks}
+    else:
+        raise ValueError(kind)
+    try:
+        GraphschedConfig(**options)
+    except Exception as exc:  # noqa: BLE001 - an option value this version refuses
+        raise Skip(f"GraphschedConfig refuses {options}: {exc}") from None
+    return options
+
+
+def run_graphsched(ctx: BenchContext, result: VariantResult, kind: str) -> None:
+    import graphsched
+    from graphsched.api import state_of
+
+    options = graphsched_options(kind)
+    options["solver_time_limit_s"] = ctx.preset.solver_time_limit_s
+    result.notes.append("graphsched options: " + ", ".join(f"{k}={v}" for k, v in options.items()))
+    model = build_reference(ctx, ctx.world)
+    cost_fn = ctx.cost_fn if ctx.graphsched_costs == "emulated" else None
+    graphsched.wrap(model, cost_fn=cost_fn, **options)
+    measure_model(ctx, result, model, [ctx.world])
+    for g in state_of(model).capture.graphs:
+        if g.fallback_reason:
+            result.notes.append(f"{g.name}: ran UNSCHEDULED ({g.fallback_reason})")
+        elif g.plan is not None:
+            result.notes.append(f"{g.name}: scheduled, {len(g.plan.tasks)} tasks")
+
+
+def run_comm_only(ctx: BenchContext, result: VariantResult) -> None:
+    if ctx.step_calls is None:
+        model = build_reference(ctx, ctx.world)
+        model(*ctx.batch).backward()  # warm-up: first-call allocations stay out of the record
+        ctx.step_calls = record_step_calls(ctx, model, ctx.world)
+        del model
+        _free(ctx.device)
+    calls = ctx.step_calls
+    if not calls:
+        raise Skip("one eager step issued no collective")
+    ops = replay_ops(calls, ctx.world, ctx.device)
+    result.notes.append(
+        f"{len(calls)} collectives of one eager step, back to back: "
+        + ", ".join(f"{k} x{sum(1 for c in calls if c.kind == k)}" for k in sorted({c.kind for c in calls}))
+    )
+
+    def step() -> None:
+        for op in ops:
+            op()
+
+    t0 = time.perf_counter()
+    for _ in range(max(1, ctx.preset.warmup)):
+        step()
+    synchronize(ctx.device)
+    result.setup_s = time.perf_counter() - t0
+    before = _wire_totals([ctx.world])
+    result.timing = time_steps(step, ctx.device, warmup=0, steps=ctx.preset.steps)
+    _per_step(result, before, _wire_totals([ctx.world]), ctx.preset.steps)
+    result.status = "ok"
+
+
+def _filled(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if dtype.is_floating_point:
+        return torch.randn(shape, device=device).to(dtype)
+    return torch.ones(shape, dtype=dtype, device=device)
+
+
+def replay_ops(
+    calls: list[CollectiveCall], group: EmulatedProcessGroup, device: torch.device
+) -> list[Callable[[], None]]:
+    """One closure per recorded collective, on buffers of the recorded shapes (shared per shape)."""
+    buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    ops: list[Callable[[], None]] = []
+    n = group.size()
+    for call in calls:
+        key = (call.kind, call.shape, call.dtype)
+        if key not in buffers:
+            inp = _filled(call.shape, call.dtype, device)
+            if call.kind == "all_gather":
+                out = torch.empty((n * inp.numel(),), dtype=inp.dtype, device=device)
+            elif call.kind == "reduce_scatter":
+                out = torch.empty((inp.numel() // n,), dtype=inp.dtype, device=device)
+            else:
+                out = torch.empty_like(inp)
+            buffers[key] = (inp, out)
+        inp, out = buffers[key]
+        # MAX for reductions: the same bytes as SUM, and values that stay finite over repeats.
+        if call.kind == "all_to_all":
+            ops.append(lambda o=out, i=inp: dist.all_to_all_single(o, i, group=group))
+        elif call.kind == "all_reduce":
+            ops.append(lambda i=inp: dist.all_reduce(i, op=dist.ReduceOp.MAX, group=group))
+        elif call.kind == "all_gather":
+            ops.append(lambda o=out, i=inp: dist.all_gather_into_tensor(o, i.reshape(-1), group=group))
+        elif call.kind == "reduce_scatter":
+            ops.append(
+                lambda o=out, i=inp: dist.reduce_scatter_tensor(
+                    o, i.reshape(-1), op=dist.ReduceOp.MAX, group=group
+                )
+            )
+        elif call.kind == "broadcast":
+            ops.append(lambda i=inp: dist.broadcast(i, src=0, group=group))
+    return ops
+
+
+#: variant name -> runner(ctx, result)
+RUNNERS: dict[str, Callable[[BenchContext, VariantResult], None]] = {
+    "eager": lambda c, r: run_eager(c, r),
+    "compute-only": lambda c, r: run_eager(c, r, compute_only=True),
+    "comm-only": run_comm_only,
+    "inductor": lambda c, r: run_inductor(c, r, "plain"),
+    "compute-only-inductor": lambda c, r: run_inductor(c, r, "plain", compute_only=True),
+    "inductor-reorder": lambda c, r: run_inductor(c, r, "reorder"),
+    "inductor-overlap": lambda c, r: run_inductor(c, r, "overlap"),
+    "deepspeed": lambda c, r: run_deepspeed(c, r),
+    "compute-only-deepspeed": lambda c, r: run_deepspeed(c, r, compute_only=True),
+    "graphsched-identity": lambda c, r: run_graphsched(c, r, "identity"),
+    "graphsched-ilp": lambda c, r: run_graphsched(c, r, "ilp"),
+    "graphsched-chunks2": lambda c, r: run_graphsched(c, r, "chunks2"),
+    "graphsched-chunks4": lambda c, r: run_graphsched(c, r, "chunks4"),
+    "graphsched-full": lambda c, r: run_graphsched(c, r, "full"),
+}
+
+
+def run_variant(ctx: BenchContext, name: str) -> VariantResult:
+    """Run one variant in isolation: fresh compile caches, memory freed afterwards, errors caught."""
+    result = VariantResult(name=name, family=family_of(name), status="failed")
+    torch._dynamo.reset()
+    _free(ctx.device)
+    try:
+        RUNNERS[name](ctx, result)
+    except Skip as exc:
+        result.status, result.reason = "skipped", str(exc)
+    except Exception as exc:  # noqa: BLE001 - one failing variant must not lose the others
+        result.status = "failed"
+        result.reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:2000]
+        result.notes.append(traceback.format_exc(limit=8)[-3000:])
+    finally:
+        torch._dynamo.reset()
+        _free(ctx.device)
+    return result
