@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from graphsched.errors import PlanError
 from graphsched.plan import COMPUTE_STREAM, Plan
+from graphsched.runtime.program import build_program
 from graphsched.runtime.streams import StreamSet
 
 
@@ -227,6 +228,8 @@ class GraphExecutor:
         self._streams: StreamSet | None = None
         # Checked once, on the first call, when every rank runs this graph for the first time.
         self._verify_plan = verify_plan
+        self._program: Callable[..., Any] | None = None
+        self._stream_program: Callable[..., Any] | None = None
 
     def _stream_set(self) -> StreamSet | None:
         if not self._uses_streams or self._device is None or self._device.type != "cuda":
@@ -242,13 +245,22 @@ class GraphExecutor:
         if self._verify_plan is not None:
             verify, self._verify_plan = self._verify_plan, None
             verify(self.plan)
+        streams = self._stream_set()
+        if self.recorder is None:
+            # Fast path: the plan as straight-line code (built on first use).
+            if streams is None:
+                if self._program is None:
+                    self._program = build_program(self, with_streams=False)
+                return self._program(args, None, None)
+            if self._stream_program is None:
+                self._stream_program = build_program(self, with_streams=True)
+            return self._stream_program(args, None, streams.streams)
         env: list[Any] = [None] * self._n_slots
         env[: self._n_inputs] = args
         for slot, value in self._constants:
             env[slot] = value
         # Boxed convention: drop the caller's references so that inputs die at their last use.
         args.clear()
-        streams = self._stream_set()
         if self.recorder is not None:
             self._run_recorded(env, streams)
         elif streams is None:
