@@ -11,6 +11,7 @@ from graphsched.errors import (
     ProcessGroupMismatchError,
 )
 from graphsched.plan import ModelPlan, Plan, Task
+from graphsched.timelines import Timeline, Timelines, timeline
 
 __version__ = "0.1.0"
 
@@ -25,12 +26,15 @@ __all__ = [
     "PlanMismatchError",
     "ProcessGroupMismatchError",
     "Task",
+    "Timeline",
+    "Timelines",
     "captured_analyses",
     "captured_graphs",
     "captured_plans",
     "explain",
     "record",
     "save_plans",
+    "timeline",
     "unwrap",
     "wrap",
 ]

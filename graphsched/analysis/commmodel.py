@@ -161,9 +161,10 @@ class CommModel:
 
 
 def _group_device(group: dist.ProcessGroup | None) -> torch.device:
-    """Where tensors for this group's collectives must live (CUDA only for a pure NCCL group)."""
+    """Where tensors for this group's collectives must live: CUDA for any group that is not
+    gloo (NCCL, or a custom backend such as the emulated link) when a GPU is present."""
     backend = str(dist.get_backend(group)).lower()
-    if backend == "nccl":
+    if backend != "gloo" and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
