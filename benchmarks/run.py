@@ -149,6 +149,7 @@ def run_benchmark(
     command: str | None = None,
     graphsched_costs: str = "emulated",
     log: Callable[[str], None] = print,
+    timeline_dir: str | None = None,
 ) -> dict[str, Any]:
     """Run ``preset``'s variants; print the table; write and return the JSON record."""
     changes: dict[str, Any] = {}
@@ -198,6 +199,7 @@ def run_benchmark(
         ctx = BenchContext(
             preset=preset, device=device, world=world, compute_only=compute_only, batch=batch,
             seed=seed, optimizer=optimizer, graphsched_costs=graphsched_costs,
+            timeline_dir=timeline_dir,
         )
         link: dict[str, Any] = {"bandwidth_gbps": preset.bandwidth_gbps, "latency_us": latency_us}
         if device.type == "cuda":
@@ -300,6 +302,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="change a preset field (batch_size=2, virtual_size=16) or a model field "
                    "(model.n_layers=2); repeatable")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/...)")
+    p.add_argument("--timeline-dir", default=None,
+                   help="write each graphsched variant's timeline (PNG + trace) of one step here")
     p.add_argument("--list", action="store_true", help="list the presets and exit")
     return p.parse_args(argv)
 
@@ -331,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out=args.out,
             command=command,
             graphsched_costs=args.graphsched_costs,
+            timeline_dir=args.timeline_dir,
         )
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None

@@ -70,6 +70,8 @@ class BenchContext:
     cost_fn: Callable[[Any], float] | None = None
     #: the collectives of one eager step (filled by the eager variant, replayed by comm-only)
     step_calls: list[CollectiveCall] | None = None
+    #: where graphsched variants write the predicted and measured timeline of one step
+    timeline_dir: str | None = None
 
 
 @dataclass
@@ -369,6 +371,17 @@ def run_graphsched(ctx: BenchContext, result: VariantResult, kind: str) -> None:
             result.notes.append(f"{g.name}: ran UNSCHEDULED ({g.fallback_reason})")
         elif g.plan is not None:
             result.notes.append(f"{g.name}: scheduled, {len(g.plan.tasks)} tasks")
+            if "chunks" in g.plan.options:
+                result.notes.append(f"{g.name}: chunks {g.plan.options['chunks']}")
+    if ctx.timeline_dir is not None:
+        import os
+
+        os.makedirs(ctx.timeline_dir, exist_ok=True)
+        timelines = graphsched.timeline(model, step_fn=lambda: model(*ctx.batch).backward())
+        base = os.path.join(ctx.timeline_dir, f"timeline_{ctx.preset.name}_{result.name}")
+        timelines.write_png(base + ".png")
+        timelines.write_trace(base + ".trace.json")
+        result.notes.append(f"timeline: {base}.png; " + timelines.summary().splitlines()[0])
 
 
 def run_comm_only(ctx: BenchContext, result: VariantResult) -> None:

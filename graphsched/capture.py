@@ -129,7 +129,9 @@ class GraphschedBackend:
             # Rewrites before differentiation (e.g. micro-chunking) get their backward from
             # AOTAutograd, so forward and backward stay consistent by construction.
             gm = self.graph_transform(gm, example_inputs)
-        compile_ = partial(self._compile, gid, param_mask, device)
+        # What the rewrite decided (e.g. chunks per region) travels into every plan's options.
+        decisions = gm.meta.get("graphsched_chunks") if hasattr(gm, "meta") else None
+        compile_ = partial(self._compile, gid, param_mask, device, decisions)
         backend = aot_autograd(
             fw_compiler=partial(compile_, GraphKind.FORWARD),
             bw_compiler=partial(compile_, GraphKind.BACKWARD),
@@ -143,6 +145,7 @@ class GraphschedBackend:
         gid: int,
         param_mask: list[bool],
         device: torch.device,
+        decisions: Any,
         kind: GraphKind,
         gm: fx.GraphModule,
         example_inputs: Sequence[Any],
@@ -168,6 +171,8 @@ class GraphschedBackend:
         try:
             with unset_fake_temporarily():
                 plan = self.planner(analysis, gm)
+            if decisions:
+                plan.options = {**plan.options, "chunks": decisions}
             executor = GraphExecutor(
                 gm,
                 plan,

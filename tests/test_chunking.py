@@ -350,6 +350,14 @@ def test_negligible_communication_keeps_one_chunk():
     assert all(choice.predicted[k] >= choice.predicted[1] for k in choice.predicted)
 
 
+def test_a_gain_below_the_threshold_keeps_one_chunk():
+    pipeline = _synthetic(comm_s=2e-3)
+    eager = choose_chunks(pipeline, time_limit_s=0.5, min_gain=0.0)
+    gain = 1 - eager.predicted[eager.k] / eager.predicted[1]
+    assert eager.k > 1 and gain > 0
+    assert choose_chunks(pipeline, time_limit_s=0.5, min_gain=gain + 0.01).k == 1
+
+
 def test_memory_limit_rejects_chunk_counts_that_do_not_fit():
     choice = choose_chunks(_synthetic(comm_s=2e-3, extra_per_chunk=1000), memory_limit_bytes=2500, time_limit_s=0.5)
     assert choice.k == 2  # 2 chunks need 2000 bytes, 4 need 4000
@@ -433,6 +441,54 @@ def test_layer_norm_is_batch_like_only_outside_the_normalised_dims():
     assert OpShapes.of(node).inputs == ((2, 8, 16),)
     assert rules.assign(node, {0: Cut(1, 8)}) == {0: Cut(1, 8), OUT: Cut(1, 8)}
     assert rules.assign(node, {0: Cut(2, 16)}) is None
+
+
+# -- rewriting a hand-built graph (no processes: nothing runs, shapes are propagated) ----------
+
+
+def _hand_built_region_graph() -> torch.fx.GraphModule:
+    """all-to-all -> wait -> q = w @ W (W whole) ; p = w + W (W cut) ; r = p @ V."""
+    graph = torch.fx.Graph()
+
+    def placeholder(name, shape):
+        node = graph.placeholder(name)
+        node.meta["val"] = torch.empty(shape, device="meta")
+        return node
+
+    def call(fn, *args):
+        node = graph.call_function(fn, args)
+        node.meta["val"] = fn(*[a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args])
+        return node
+
+    x, w_mat, v_mat = placeholder("x", (8, 8)), placeholder("wmat", (8, 8)), placeholder("vmat", (8, 3))
+    sent = call(torch.ops._c10d_functional.all_to_all_single, x, [4, 4], [4, 4], "0")
+    got = call(torch.ops._c10d_functional.wait_tensor, sent)
+    q = call(torch.mm, got, w_mat)
+    p = call(torch.add, got, w_mat)
+    r = call(torch.mm, p, v_mat)
+    graph.output((q, r))
+    return torch.fx.GraphModule(nn.Module(), graph)
+
+
+def test_a_value_cut_for_one_node_and_used_whole_by_another_gets_both():
+    from graphsched.partition.regions import find_regions
+    from graphsched.partition.rewrite import rewrite_region
+
+    gm = _hand_built_region_graph()
+    (region,) = find_regions(gm)
+    by_name = {n.name: n for n in region.nodes}
+    assert region.operand_specs(by_name["mm"])[1] is None  # q = w @ W: W whole
+    assert region.operand_specs(by_name["add"])[1] == Cut(0, 4, outer=2)  # p = w + W: W cut
+    rewrite_region(gm, region, chunk_sizes(region.extent, 2))  # propagates and checks shapes
+    nodes = {n.name: n for n in gm.graph.nodes}
+    assert nodes["mm_c0"].args[1].op == "placeholder"
+    assert nodes["add_c1"].args[1].name == "wmat_s1r"
+    a2a = [n for n in gm.graph.nodes if "all_to_all" in str(n.target)]
+    assert [tuple(n.meta["example_value"].shape) for n in a2a] == [(4, 8), (4, 8)]
+    assert all(n.args[1] == [2, 2] for n in a2a)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    assert [tuple(v.meta["example_value"].shape) for v in out.args[0]] == [(8, 8), (8, 3)]
+    assert {(n.meta.get("custom") or {}).get("graphsched_chunk") for n in a2a} == {"r0.c0", "r0.c1"}
 
 
 # -- configuration ---------------------------------------------------------------------------

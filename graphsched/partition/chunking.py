@@ -5,12 +5,13 @@ overlaps chunk i+1's compute; k chosen per region.
 before AOTAutograd (so the backward is chunked too, consistently, by differentiation):
 
 1. find the regions (``regions.find_regions``);
-2. choose k per region: ``chunks=k`` takes k (at most the region's cut extent); ``chunks="auto"``
-   predicts the step time of the region for every k in {1, 2, 4, 8} up to ``max_chunks`` and keeps
-   the fastest: each k's pipeline (per-chunk stage costs at the chunked shapes, plus the cost of
-   splitting and joining) is a two-resource ``ScheduleProblem`` solved by ``partition.solve``, so
-   the ILP picks the order for each k and the k by comparing makespans. A k whose extra buffers
-   exceed ``memory_limit_bytes`` is rejected;
+2. choose k per region: ``chunks=k`` takes k (at most the region's cut extent; ordered by the
+   list schedule); ``chunks="auto"`` predicts the step time of the region for every k in
+   {1, 2, 4, 8} up to ``max_chunks`` and keeps the fastest: each k's pipeline (per-chunk stage
+   costs at the chunked shapes, plus the cost of splitting and joining) is a two-resource
+   ``ScheduleProblem`` solved by ``partition.solve``, so the ILP picks the order for each k and
+   the k by comparing makespans. A k whose extra buffers exceed ``memory_limit_bytes`` is
+   rejected. Identical regions (every layer of a model) are solved once;
 3. rank 0's choices are broadcast (collectives must be issued identically everywhere);
 4. cut each region (``rewrite.rewrite_region``), emitting its copies in the solved order, so even
    ``schedule="identity"`` runs the pipeline.
@@ -73,6 +74,9 @@ META_KEY = "graphsched_chunks"
 #: chain-shaped pipelines the ILP rarely beats it, while proving optimality for k >= 4 can take
 #: many seconds: a short limit bounds the compile time and loses little.
 SOLVE_LIMIT_S = 1.0
+#: "auto" chunks a region only when that is predicted to save at least this fraction of its time:
+#: measured costs carry a few percent of noise, and each chunk adds launches and buffers.
+MIN_GAIN = 0.02
 
 
 # -- the pipeline model ----------------------------------------------------------------------
@@ -221,15 +225,18 @@ def choose_chunks(
     candidates: Sequence[int] = AUTO_CANDIDATES,
     memory_limit_bytes: int | None = None,
     time_limit_s: float = SOLVE_LIMIT_S,
+    min_gain: float = MIN_GAIN,
 ) -> ChunkChoice:
     """The k of ``candidates`` with the least predicted forward + backward time (ties: smaller k).
 
-    k = 1 is always a candidate (chunking must pay for itself); a k above the region's extent or
-    whose extra buffers exceed ``memory_limit_bytes`` is rejected.
+    k = 1 is always a candidate and wins unless the best k saves at least ``min_gain`` of its
+    predicted time (chunking must pay for itself beyond the noise of measured costs); a k above
+    the region's extent or whose extra buffers exceed ``memory_limit_bytes`` is rejected.
     """
     predicted: dict[int, float] = {}
     rejected: dict[int, str] = {}
     best: Prediction | None = None
+    one: Prediction | None = None
     for k in sorted(set(candidates) | {1}):
         if k > pipeline.extent:
             rejected[k] = f"the cut factor has only {pipeline.extent} slices"
@@ -241,10 +248,14 @@ def choose_chunks(
             continue
         p = predict(pipeline, sizes, time_limit_s, costs)
         predicted[k] = p.total
+        if k == 1:
+            one = p
         # A relative margin keeps float noise from choosing a larger k for nothing.
         if best is None or p.total < best.total * (1 - 1e-9):
             best = p
-    assert best is not None  # k = 1 always fits
+    assert best is not None and one is not None  # k = 1 always fits
+    if best.k > 1 and best.total > one.total * (1 - min_gain):
+        best = one
     return ChunkChoice(best.k, best.sizes, predicted, rejected, issue_order(pipeline, best.forward),
                        best.forward.makespan, best.backward.makespan)
 
@@ -445,17 +456,20 @@ def _nbytes(node: fx.Node, spec: Any, part: int) -> int:
 
 
 def _meta_call(node: fx.Node, region: Region, rules: SplitRules, part: int) -> ChunkCall:
+    use_specs = iter(region.operand_specs(node))
+
     def value(a: fx.Node) -> Any:
         if is_tensor_node(a):
             v = example_value(a)
-            return torch.empty(shape_in_chunk(a, region.specs.get(a), part), dtype=v.dtype, device="meta")
+            shape = shape_in_chunk(a, next(use_specs), part)
+            return torch.empty(shape, dtype=v.dtype, device="meta")
         return example_value(a)
 
     rule = rules.lookup(node)
     assert rule is not None
     args = fx.map_arg(node.args, value)
     kwargs = fx.map_arg(node.kwargs, value)
-    in_shapes = [shape_in_chunk(a, region.specs.get(a), part) for a in operands(node)]
+    in_shapes = [shape_in_chunk(a, s, part) for a, s in zip(operands(node), region.operand_specs(node))]
     out_shape = shape_in_chunk(node, region.specs[node], part)
     return rule.chunk_call(node, tuple(args), dict(kwargs), in_shapes, out_shape)
 
@@ -470,7 +484,7 @@ def region_pipeline(region: Region, rules: SplitRules, coster: RegionCoster) -> 
         if (n, part) not in cache:
             rule = rules.lookup(n)
             if getattr(rule, "collective", False):
-                cost = coster.comm(_nbytes(operands(n)[0], region.specs.get(operands(n)[0]), part))
+                cost = coster.comm(_nbytes(operands(n)[0], region.operand_specs(n)[0], part))
             elif getattr(rule, "free", False):
                 cost = 0.0
             else:
@@ -516,12 +530,14 @@ def region_pipeline(region: Region, rules: SplitRules, coster: RegionCoster) -> 
 
 
 def _agree(decisions: dict[str, Any]) -> dict[str, Any]:
-    """Rank 0's decisions on every rank (the chunked graphs must issue identical collectives)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return decisions
-    box = [json.dumps(decisions, sort_keys=True) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return json.loads(box[0])
+    """Rank 0's decisions on every rank (the chunked graphs must issue identical collectives).
+
+    Shared through the process group's store, not a collective: this runs while compiling, when
+    collectives of the eager part of the step may still be queued on the group.
+    """
+    from graphsched.runtime.agreement import share_from_rank0
+
+    return share_from_rank0(decisions, "chunks")
 
 
 def _device_of(example_inputs: Sequence[Any]) -> torch.device:
@@ -540,6 +556,14 @@ class ChunkingTransform:
     #: Builds the cost source for a device (default: analytic or measured per ``config``).
     coster_factory: Callable[[torch.device], RegionCoster] | None = None
     records: list[dict[str, Any]] = field(default_factory=list)
+    #: One cost source per device, kept across graphs (a measured one benchmarks the group once).
+    _costers: dict[str, RegionCoster] = field(default_factory=dict, repr=False)
+
+    def _coster(self, device: torch.device) -> RegionCoster:
+        if str(device) not in self._costers:
+            factory = self.coster_factory or (lambda d: default_coster(self.config, d))
+            self._costers[str(device)] = factory(device)
+        return self._costers[str(device)]
 
     def _decide(self, region: Region, coster: RegionCoster, seen: dict[str, ChunkChoice]) -> dict[str, Any]:
         chunks = self.config.chunks
@@ -583,8 +607,7 @@ class ChunkingTransform:
         decisions: dict[str, Any] = {}
         if regions:
             try:
-                factory = self.coster_factory or (lambda d: default_coster(self.config, d))
-                coster = factory(_device_of(example_inputs))
+                coster = self._coster(_device_of(example_inputs))
                 seen: dict[str, ChunkChoice] = {}
                 for region in regions:
                     decisions[region.id] = self._decide(region, coster, seen)

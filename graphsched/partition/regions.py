@@ -26,7 +26,6 @@ import torch.fx as fx
 from graphsched.partition.plans import module_path
 from graphsched.partition.split_rules import (
     OUT,
-    PARTIAL,
     AllToAll,
     Cut,
     Partial,
@@ -53,10 +52,19 @@ class Region:
     extent: int
     seed: str = ""
     module: str = ""
+    #: Spec of each operand (see ``split_rules.operands``) of each region node: a value cut for
+    #: one node may be used whole by another.
+    uses: dict[fx.Node, list[Spec]] = field(default_factory=dict)
     _members: set[fx.Node] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
         self._members = set(self.nodes)
+        for n in self.nodes:
+            if n not in self.uses:
+                self.uses[n] = [self.specs.get(a) for a in operands(n)]
+
+    def operand_specs(self, node: fx.Node) -> list[Spec]:
+        return self.uses[node]
 
     def __contains__(self, node: object) -> bool:
         return node in self._members
@@ -71,8 +79,8 @@ class Region:
         """Values from outside the region that the region cuts (each is split into chunks)."""
         seen: dict[fx.Node, None] = {}
         for n in self.nodes:
-            for a in operands(n):
-                if a not in self and isinstance(self.specs.get(a), Cut):
+            for a, spec in zip(operands(n), self.uses[n]):
+                if a not in self and isinstance(spec, Cut):
                     seen[a] = None
         return list(seen)
 
@@ -89,6 +97,7 @@ class Region:
             self.extent,
             self.seed,
             self.module,
+            {env[n]: list(v) for n, v in self.uses.items()},
         )
 
     def describe(self, rules: SplitRules | None = None) -> dict[str, Any]:
@@ -171,6 +180,8 @@ def _seeds(collective: fx.Node, rules: SplitRules) -> Iterator[tuple[fx.Node, Cu
 class _Grown:
     nodes: set[fx.Node]
     specs: dict[fx.Node, Spec]
+    #: node -> its rule's assignment (slot -> spec)
+    assignments: dict[fx.Node, dict]
 
 
 def _grow(seed: fx.Node, spec: Cut, rules: SplitRules, taken: set[fx.Node]) -> _Grown:
@@ -180,6 +191,7 @@ def _grow(seed: fx.Node, spec: Cut, rules: SplitRules, taken: set[fx.Node]) -> _
     rejected: dict[fx.Node, int] = {}
     #: Values some region node uses whole: their producers may not join the region.
     whole: set[fx.Node] = set()
+    assignments: dict[fx.Node, dict] = {}
     queue: deque[fx.Node] = deque([seed, *seed.users])
     while queue:
         n = queue.popleft()
@@ -206,6 +218,7 @@ def _grow(seed: fx.Node, spec: Cut, rules: SplitRules, taken: set[fx.Node]) -> _
             rejected[n] = len(known)
             continue
         region.add(n)
+        assignments[n] = assignment
         specs[n] = assignment[OUT]
         for j, a in enumerate(ops):
             s = assignment.get(j)
@@ -216,7 +229,7 @@ def _grow(seed: fx.Node, spec: Cut, rules: SplitRules, taken: set[fx.Node]) -> _
                 queue.append(a)
                 queue.extend(a.users)
         queue.extend(n.users)
-    return _Grown(region, specs)
+    return _Grown(region, specs, assignments)
 
 
 # -- trimming --------------------------------------------------------------------------------
@@ -306,12 +319,13 @@ def find_regions(gm: fx.GraphModule | fx.Graph, rules: SplitRules | None = None)
             if extent < 2:
                 continue
             specs = {n: grown.specs[n] for n in nodes}
+            uses = {n: [grown.assignments[n].get(j) for j in range(len(operands(n)))] for n in nodes}
             for n in nodes:
-                for a in operands(n):
-                    if a not in nodes and grown.specs.get(a) is not None:
-                        specs[a] = grown.specs[a]
+                for a, s in zip(operands(n), uses[n]):
+                    if a not in nodes and s is not None:
+                        specs[a] = s
             ordered = sorted(nodes, key=order.__getitem__)
-            region = Region("", ordered, specs, extent, seed=f"{value.name}: {spec.describe()}")
+            region = Region("", ordered, specs, extent, seed=f"{value.name}: {spec.describe()}", uses=uses)
             n_coll = len(region.collectives(rules))
             key = (n_coll, len(region.anchors(rules)), len(ordered), extent)
             if best is None or key > best[0]:
@@ -326,4 +340,4 @@ def find_regions(gm: fx.GraphModule | fx.Graph, rules: SplitRules | None = None)
     return regions
 
 
-__all__ = ["PARTIAL", "Region", "find_regions"]
+__all__ = ["Region", "find_regions"]

@@ -39,6 +39,7 @@ from graphsched.partition.split_rules import (
     SplitRules,
     default_rules,
     example_value,
+    is_tensor_node,
     operands,
     run_call,
 )
@@ -213,11 +214,16 @@ def rewrite_region(
                 )
             pieces[u].append(piece)
 
-    def chunk_arg(i: int) -> Callable[[fx.Node], fx.Node]:
+    def chunk_arg(n: fx.Node, i: int) -> Callable[[fx.Node], fx.Node]:
+        # Operands are visited in the order split_rules.operands lists them, so the k-th tensor
+        # operand met here has the k-th operand spec.
+        use_specs = iter(region.operand_specs(n))
+
         def get(a: fx.Node) -> fx.Node:
+            spec = next(use_specs) if is_tensor_node(a) else None
             if a in members:
                 return copies[a][i]
-            if a in pieces:
+            if spec is not None:
                 return pieces[a][i]
             return env[a]
 
@@ -227,10 +233,10 @@ def rewrite_region(
         rule = rules.lookup(n)
         if rule is None:
             raise GraphschedError(f"region {region.id}: node {n.name} has no split rule")
-        get = chunk_arg(i)
+        get = chunk_arg(n, i)
         args = fx.map_arg(n.args, get)
         kwargs = fx.map_arg(n.kwargs, get)
-        in_shapes = [shape_in_chunk(a, region.specs.get(a), sizes[i]) for a in operands(n)]
+        in_shapes = [shape_in_chunk(a, s, sizes[i]) for a, s in zip(operands(n), region.operand_specs(n))]
         out_shape = shape_in_chunk(n, region.specs[n], sizes[i])
         call = rule.chunk_call(n, tuple(args), dict(kwargs), in_shapes, out_shape)
         copies.setdefault(n, []).append(b.create(call, f"{n.name}_c{i}", n, f"c{i}", out_shape))

@@ -28,8 +28,15 @@ _KEY_PREFIX = "graphsched/agreement"
 _sequence = itertools.count()
 
 
+#: Backends whose whole group lives in this one process (nothing to agree with).
+_SINGLE_PROCESS_BACKENDS = ("graphsched_emulated",)
+
+
 def world_is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """Whether other processes run this program beside this one."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    return str(dist.get_backend()).lower() not in _SINGLE_PROCESS_BACKENDS
 
 
 def exchange(payload: Any, purpose: str) -> list[Any]:
