@@ -64,3 +64,37 @@ def test_saved_plans_are_reused_as_they_are_and_stale_ones_refused(tmp_path):
     for r in results:
         assert r["first"] and r["first"] == r["second"]
         assert "plan_file" in r["stale_error"] and "Re-plan" in r["stale_error"]
+
+
+def test_coarsening_never_groups_nodes_on_both_sides_of_a_wait():
+    """A graph that slices a collective's output before waiting on it (as chunked graphs may)."""
+    import operator
+
+    import networkx as nx
+    import torch
+    import torch.fx as fx
+
+    from graphsched.analysis.graph import analyse_graph
+    from graphsched.analysis.labels import GraphKind
+    from graphsched.partition.coarsen import coarsen
+
+    g = fx.Graph()
+    x = g.placeholder("x")
+    a = g.call_function(torch.ops.aten.mul.Tensor, (x, 2))
+    issue = g.call_function(torch.ops._c10d_functional.all_to_all_single.default, (a, [2, 2], [2, 2], "0"))
+    part = g.call_function(torch.ops.aten.split.Tensor, (issue, 2))
+    first = g.call_function(operator.getitem, (part, 0))
+    wait = g.call_function(torch.ops._c10d_functional.wait_tensor.default, (first,))
+    other = g.call_function(torch.ops.aten.add.Tensor, (x, 1))  # independent compute
+    out = g.call_function(torch.ops.aten.add.Tensor, (wait, other))
+    g.output((out,))
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    analysis = analyse_graph(gm, "g", GraphKind.FORWARD, lambda n: 1.0)
+    coarse = coarsen(analysis)
+    tasks = nx.DiGraph()
+    for t in coarse.problem.tasks:
+        tasks.add_node(t.id)
+        tasks.add_edges_from((d, t.id) for d in t.deps)
+    assert nx.is_directed_acyclic_graph(tasks)
+    holder = {n: tid for tid, nodes in coarse.nodes.items() for n in nodes}
+    assert holder[first.name] != holder[out.name]

@@ -8,8 +8,9 @@ points is one task, and each parameter's weight-gradient chain is a task of its 
 can move it into any communication window it is independent of.
 
 Grouping by those sets can never create a cycle between groups: along an edge u -> v the set of
-collectives u depends on can only grow and the set depending on u can only shrink, so two groups
-that reach each other have equal keys and are one group.
+collective points (issues and waits) u depends on can only grow and the set depending on u can only
+shrink, so two groups that reach each other, directly or through a collective's tasks, have equal
+keys and are one group.
 """
 
 from __future__ import annotations
@@ -31,10 +32,16 @@ class CoarseGraph:
 
 
 def _collective_bits(analysis: GraphAnalysis) -> tuple[dict[str, int], dict[str, int]]:
-    """Bitsets of the collectives each node depends on (ancestors) and that depend on it."""
+    """Bitsets of the collective points (issues and waits) each node depends on and that depend
+    on it. Waits count too: a chunked graph may slice a collective's output before waiting on
+    it, and a group must never hold nodes on both sides of a wait."""
     dag = analysis.dag
-    issues = [n for n in analysis.order if dag.nodes[n]["kind"] == NodeKind.COLLECTIVE_ISSUE]
-    bit = {n: 1 << i for i, n in enumerate(issues)}
+    points = [
+        n
+        for n in analysis.order
+        if dag.nodes[n]["kind"] in (NodeKind.COLLECTIVE_ISSUE, NodeKind.COLLECTIVE_WAIT)
+    ]
+    bit = {n: 1 << i for i, n in enumerate(points)}
     anc: dict[str, int] = {}
     for n in analysis.order:
         acc = 0
