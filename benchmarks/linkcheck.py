@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from graphsched.analysis.device_timer import time_once
 from graphsched.runtime.emulated import EmulatedProcessGroup
 
 
@@ -22,13 +23,7 @@ def _time(fn: Callable[[], None], repeats: int = 3) -> float:
     samples = []
     for _ in range(repeats):
         torch.cuda.synchronize()
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end))
+        samples.append(time_once(fn, torch.device("cuda")) * 1e3)
     return float(statistics.median(samples))
 
 

@@ -7,11 +7,12 @@ next one starts (a step begins on an idle GPU, as after a data loader); on CPU a
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from graphsched.analysis.device_timer import time_once
 
 
 @dataclass
@@ -62,16 +63,5 @@ def time_steps(
         if before is not None:
             before()
         synchronize(device)
-        if device.type == "cuda":
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            samples.append(float(start.elapsed_time(end)))
-        else:
-            t0 = time.perf_counter()
-            step()
-            samples.append((time.perf_counter() - t0) * 1e3)
+        samples.append(time_once(step, device) * 1e3)
     return Timing(samples)

@@ -16,13 +16,13 @@ import hashlib
 import json
 import math
 import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
+from graphsched.analysis.device_timer import time_once
 from graphsched.errors import ConfigError, GraphschedError
 
 #: Collective kinds the model and the benchmark know.
@@ -203,20 +203,6 @@ def _collective_call(
     raise ConfigError(f"cannot benchmark collective kind {kind!r}; use some of {COLLECTIVE_KINDS}.")
 
 
-def _time_once(fn: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cuda":
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def benchmark_collectives(
     group: dist.ProcessGroup | None = None,
     sizes: Sequence[int] = DEFAULT_SIZES,
@@ -258,7 +244,7 @@ def benchmark_collectives(
             samples = []
             for _ in range(repeats):
                 _barrier(group, device)
-                samples.append(_time_once(fn, device))
+                samples.append(time_once(fn, device))
             measured_bytes[kind].append(nbytes)
             medians.append(statistics.median(samples))
     times = torch.tensor(medians, dtype=torch.float64, device=device)

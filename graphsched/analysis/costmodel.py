@@ -15,7 +15,6 @@ model, and is plain JSON so a plan can record the numbers it was chosen from.
 from __future__ import annotations
 
 import dataclasses
-import math
 import operator
 import warnings
 from dataclasses import dataclass, field

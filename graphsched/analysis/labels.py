@@ -13,13 +13,14 @@ gradients that the next collective, or the next layer, waits for.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from enum import Enum
 from typing import Sequence
 
 import torch
 import torch.fx as fx
+
+from graphsched.analysis.costmodel import is_collective_node, is_view_node, is_wait_node
 
 
 class NodeKind(str, Enum):
@@ -43,21 +44,6 @@ class GraphKind(str, Enum):
     INFERENCE = "inference"
 
 
-_COLLECTIVE_NAMESPACES = ("_c10d_functional", "_c10d_functional_autograd")
-_WAIT_NAMES = ("wait_tensor",)
-
-# Ops whose schema does not mark them as views but which only rewrite metadata.
-_METADATA_ONLY = {
-    "aten::_unsafe_view",
-    "aten::alias",
-    "aten::detach",
-    "aten::lift_fresh_copy",
-    "aten::sym_size",
-    "aten::sym_stride",
-    "aten::sym_numel",
-}
-
-
 def _op_name(target: object) -> str:
     if isinstance(target, torch._ops.OpOverload):
         return target.name()
@@ -67,6 +53,7 @@ def _op_name(target: object) -> str:
 
 
 def node_kind(node: fx.Node) -> NodeKind:
+    """The kind of a node, from the cost model's op classification (one source of truth)."""
     if node.op == "placeholder":
         return NodeKind.PLACEHOLDER
     if node.op == "output":
@@ -75,16 +62,12 @@ def node_kind(node: fx.Node) -> NodeKind:
         # get_attr / call_module / call_method do not appear in AOTAutograd graphs; treat them as
         # compute so that they are never reordered past something they might depend on.
         return NodeKind.COMPUTE
-    target = node.target
-    if target is operator.getitem:
+    if is_wait_node(node):
+        return NodeKind.COLLECTIVE_WAIT
+    if is_collective_node(node):
+        return NodeKind.COLLECTIVE_ISSUE
+    if is_view_node(node):
         return NodeKind.VIEW
-    if isinstance(target, torch._ops.OpOverload):
-        if target.namespace in _COLLECTIVE_NAMESPACES:
-            if target._schema.name.split("::")[-1] in _WAIT_NAMES:
-                return NodeKind.COLLECTIVE_WAIT
-            return NodeKind.COLLECTIVE_ISSUE
-        if getattr(target, "is_view", False) or target.name() in _METADATA_ONLY:
-            return NodeKind.VIEW
     return NodeKind.COMPUTE
 
 

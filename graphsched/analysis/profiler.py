@@ -14,7 +14,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from contextlib import ExitStack
 from typing import Any, Callable, Iterable
@@ -23,6 +22,7 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
+from graphsched.analysis.device_timer import time_once
 from graphsched.analysis.costmodel import _concrete_int, _is_op_overload, is_compute_node
 from graphsched.errors import ConfigError, GraphschedError
 
@@ -203,23 +203,9 @@ class NodeProfiler:
         """Median seconds of ``fn()`` after warm-up (CUDA events on GPU, perf_counter on CPU)."""
         for _ in range(self.warmup):
             fn()
-        samples = []
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            for _ in range(self.repeats):
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                samples.append(start.elapsed_time(end) / 1e3)
-        else:
-            for _ in range(self.repeats):
-                t0 = time.perf_counter()
-                fn()
-                samples.append(time.perf_counter() - t0)
-        return statistics.median(samples)
+        return statistics.median(time_once(fn, self.device) for _ in range(self.repeats))
 
     def _run(self, node: fx.Node) -> float:
         gen = torch.Generator(device=self.device).manual_seed(self.seed)
