@@ -297,13 +297,14 @@ def _meta_value(x: Any) -> Any:
     return x
 
 
-def _tensors(x: Any) -> list[torch.Tensor]:
+def flat_tensors(x: Any) -> list[torch.Tensor]:
+    """Every tensor inside ``x`` (nested lists, tuples and dicts), in order."""
     if isinstance(x, torch.Tensor):
         return [x]
     if isinstance(x, (list, tuple)):
-        return [t for a in x for t in _tensors(a)]
+        return [t for a in x for t in flat_tensors(a)]
     if isinstance(x, dict):
-        return [t for a in x.values() for t in _tensors(a)]
+        return [t for a in x.values() for t in flat_tensors(a)]
     return []
 
 
@@ -387,18 +388,18 @@ def node_bytes(node: fx.Node) -> float:
         return 0.0
     total = 0
     for inp in node.all_input_nodes:
-        total += sum(footprint_bytes(t) for t in _tensors(inp.meta.get("val")))
-    total += sum(footprint_bytes(t) for t in _tensors(node.meta.get("val")))
+        total += sum(footprint_bytes(t) for t in flat_tensors(inp.meta.get("val")))
+    total += sum(footprint_bytes(t) for t in flat_tensors(node.meta.get("val")))
     return float(total)
 
 
 def _compute_dtype(node: fx.Node) -> torch.dtype | None:
     """The dtype the arithmetic runs in: the first floating-point input, else the output's."""
     for inp in node.all_input_nodes:
-        for t in _tensors(inp.meta.get("val")):
+        for t in flat_tensors(inp.meta.get("val")):
             if t.dtype.is_floating_point:
                 return t.dtype
-    outs = _tensors(node.meta.get("val"))
+    outs = flat_tensors(node.meta.get("val"))
     return outs[0].dtype if outs else None
 
 
@@ -422,10 +423,10 @@ def collective_bytes(node: fx.Node) -> int:
     if not is_collective_node(node):
         return 0
     first = node.args[0] if node.args else None
-    tensors = _tensors(_meta_value(first))
+    tensors = flat_tensors(_meta_value(first))
     if not tensors:
         # No meta on the input: an all-reduce / all-to-all output has the input's size.
-        tensors = _tensors(node.meta.get("val"))
+        tensors = flat_tensors(node.meta.get("val"))
     return int(sum(_logical_bytes(t) for t in tensors))
 
 

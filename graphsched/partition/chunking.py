@@ -44,7 +44,7 @@ from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from graphsched.analysis.commmodel import CommModel
-from graphsched.analysis.costmodel import DeviceSpec, footprint_bytes
+from graphsched.analysis.costmodel import DeviceSpec, flat_tensors, footprint_bytes
 from graphsched.config import GraphschedConfig
 from graphsched.errors import ConfigError, GraphschedFallbackWarning
 from graphsched.partition.ilp import solve
@@ -297,16 +297,6 @@ class RegionCoster(Protocol):
 _NOT_KERNELS = {torch.ops.aten._unsafe_view, torch.ops.aten.alias, torch.ops.aten.detach, torch.ops.aten.lift_fresh}
 
 
-def _tensors(x: Any) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        return [t for a in x for t in _tensors(a)]
-    if isinstance(x, dict):
-        return [t for a in x.values() for t in _tensors(a)]
-    return []
-
-
 class _Roofline(TorchDispatchMode):
     """Prices every aten kernel run under it: ``launch + max(flops / peak, bytes / bandwidth)``."""
 
@@ -327,8 +317,8 @@ class _Roofline(TorchDispatchMode):
                 flops = float(formula(*args, **kwargs, out_val=out))
             except Exception:  # noqa: BLE001 - no flop count: memory traffic only
                 flops = 0.0
-        ins = _tensors((args, kwargs))
-        nbytes = sum(footprint_bytes(t) for t in ins) + sum(footprint_bytes(t) for t in _tensors(out))
+        ins = flat_tensors((args, kwargs))
+        nbytes = sum(footprint_bytes(t) for t in ins) + sum(footprint_bytes(t) for t in flat_tensors(out))
         dtype = next((t.dtype for t in ins if t.dtype.is_floating_point), None)
         self.seconds += self.spec.launch_overhead_s + max(
             flops / self.spec.flops_for(dtype), nbytes / self.spec.memory_bandwidth
@@ -349,7 +339,7 @@ class AnalyticCoster:
             with mode:
                 run_call(call)
         except Exception:  # noqa: BLE001 - an op without meta kernels: price its traffic only
-            nbytes = sum(footprint_bytes(t) for t in _tensors((call.args, call.kwargs)))
+            nbytes = sum(footprint_bytes(t) for t in flat_tensors((call.args, call.kwargs)))
             return self.spec.launch_overhead_s + 2 * nbytes / self.spec.memory_bandwidth
         return mode.seconds
 
@@ -378,7 +368,7 @@ class MeasuredCoster(AnalyticCoster):
     _cache: dict[str, float] = field(default_factory=dict)
 
     def compute(self, call: ChunkCall) -> float:
-        key = repr((call.op, call.target, [(tuple(t.shape), t.dtype) for t in _tensors(call.args)], call.kwargs))
+        key = repr((call.op, call.target, [(tuple(t.shape), t.dtype) for t in flat_tensors(call.args)], call.kwargs))
         if key not in self._cache:
             try:
                 real = ChunkCall(call.op, call.target, _materialise(call.args, self.device),
