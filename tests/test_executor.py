@@ -205,3 +205,18 @@ def test_a_plan_that_reorders_random_ops_is_rejected():
     order = [n for n in captured if n in needed] + [n for n in captured if n not in needed]
     with pytest.raises(PlanError, match="reorders random ops"):
         GraphExecutor(gm, _plan(gm, order))
+
+
+def test_recording_path_and_generated_code_give_the_same_results(captured):
+    from graphsched.runtime.recorder import StepRecorder
+
+    gm = captured[2]["bw"]
+    plan = _plan(gm, reverse_independent_order(gm))
+    fast = GraphExecutor(gm, plan)(_example_args(gm))
+    recorded_ex = GraphExecutor(gm, plan)
+    recorded_ex.recorder = StepRecorder()
+    slow = recorded_ex(_example_args(gm))
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(fast, slow))
+    timings = recorded_ex.recorder.finish()
+    assert {t.task for t in timings} == {t.name for t in plan.tasks}
+    assert all(t.end_s >= t.start_s for t in timings)
