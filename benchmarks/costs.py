@@ -80,13 +80,5 @@ def fit_emulated_link(
 def graphsched_cost_fn(comm: CommModel, device: torch.device, cache_dir: str | None = None) -> Callable[[Any], float]:
     """graphsched's measured node costs, with collectives costed by ``comm``."""
     from graphsched.analysis.cost_source import make_cost_fn
-    from graphsched.analysis.costmodel import collective_bytes, collective_kind, is_collective_node
 
-    measured = make_cost_fn("measured", device, cache_dir)
-
-    def cost(node: Any) -> float:
-        if is_collective_node(node):
-            return comm.time(collective_kind(node), collective_bytes(node))
-        return measured(node)
-
-    return cost
+    return make_cost_fn("measured", device, comm, cache_dir)

@@ -57,10 +57,6 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def default_cost_fn(config: GraphschedConfig, device: torch.device) -> CostFn:
-    from graphsched.analysis.cost_source import make_cost_fn
-
-    return make_cost_fn(config.cost_model, device, config.cache_dir)
 
 
 def make_planner(config: GraphschedConfig) -> Planner:
@@ -107,14 +103,19 @@ def wrap(
     # Random gating is accepted only where nothing is reordered.
     prepare_for_capture(model, allow_random_gating=config.schedule == "identity")
     log = CaptureLog()
+    from graphsched.analysis.cost_source import make_cost_fn, measure_comm_model
     from graphsched.partition.chunking import make_graph_transform
 
+    device = _model_device(model)
+    # Measured here, where every rank runs the same code in order; never while compiling.
+    needs_comm = cost_fn is None or config.chunks != 1
+    comm = measure_comm_model(config.cost_model, device) if needs_comm else None
     backend = GraphschedBackend(
         config,
         planner or make_planner(config),
-        cost_fn or default_cost_fn(config, _model_device(model)),
+        cost_fn or make_cost_fn(config.cost_model, device, comm, config.cache_dir),
         log,
-        graph_transform=make_graph_transform(config),
+        graph_transform=make_graph_transform(config, comm),
     )
     # dynamic=False: a new input shape recompiles into new static-shape graphs, which the cost
     # model and planner can reason about, instead of symbolic-shape graphs.

@@ -3,8 +3,9 @@
 ``analytic``: FLOPs and bytes against the device's peak rates, collectives from the device spec's
 interconnect numbers. ``measured``: every compute node timed on the device with its real shapes
 (cached on disk, so a second run measures nothing), collectives from a microbenchmark of the process
-group run once, the first time a graph with a collective is analysed (every rank analyses the same
-graphs in the same order, so the benchmark's collectives line up).
+group. The microbenchmark runs in ``wrap`` (:func:`measure_comm_model`), never while a graph is
+being compiled: there, collectives of the step in flight could interleave with it, and a rank
+compiling a little later would match it against the wrong operation.
 """
 
 from __future__ import annotations
@@ -40,31 +41,35 @@ def resolve_mode(mode: str, device: torch.device) -> str:
     return mode
 
 
+def measure_comm_model(mode: str, device: torch.device) -> CommModel | None:
+    """The measured communication model for ``mode`` (None when costs are analytic).
+
+    Call it where every rank runs the same code in the same order (``wrap``), not while compiling.
+    """
+    if resolve_mode(mode, device) != "measured":
+        return None
+    if dist.is_available() and dist.is_initialized():
+        log.info("benchmarking the process group's collectives for the cost model")
+        return benchmark_collectives()
+    return CostModel(DeviceSpec.detect(device)).comm_model()
+
+
 @dataclass
 class MeasuredCosts:
-    """A cost function that profiles compute nodes and benchmarks collectives on first use."""
+    """A cost function that profiles compute nodes and prices collectives with ``comm``."""
 
     device: torch.device
+    comm: CommModel
     cache_dir: str | None = None
     spec: DeviceSpec = field(init=False)
     _profiler: NodeProfiler | None = field(default=None, init=False)
-    _comm: CommModel | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.spec = DeviceSpec.detect(self.device)
 
-    def comm_model(self) -> CommModel:
-        if self._comm is None:
-            if dist.is_available() and dist.is_initialized():
-                log.info("benchmarking the process group's collectives for the cost model")
-                self._comm = benchmark_collectives()
-            else:
-                self._comm = CostModel(self.spec).comm_model()
-        return self._comm
-
     def __call__(self, node: fx.Node) -> float:
         if is_collective_node(node):
-            return self.comm_model().time(collective_kind(node), collective_bytes(node))
+            return self.comm.time(collective_kind(node), collective_bytes(node))
         if not is_compute_node(node):
             return 0.0
         if is_profilable(node):
@@ -77,10 +82,14 @@ class MeasuredCosts:
         return analytic_cost(node, self.spec)
 
 
-def make_cost_fn(mode: str, device: torch.device, cache_dir: str | None = None) -> CostFn:
+def make_cost_fn(
+    mode: str, device: torch.device, comm: CommModel | None, cache_dir: str | None = None
+) -> CostFn:
+    """Node costs for ``mode``; ``comm`` is :func:`measure_comm_model`'s result for it."""
     mode = resolve_mode(mode, device)
     if mode == "analytic":
         return CostModel(DeviceSpec.detect(device)).node_cost
     if mode == "measured":
-        return MeasuredCosts(device, cache_dir)
+        assert comm is not None, "measured costs need measure_comm_model's result"
+        return MeasuredCosts(device, comm, cache_dir)
     raise ValueError(f"unknown cost model {mode!r}")

@@ -61,6 +61,14 @@ class GraphAnalysis:
     def nodes_of_phase(self, phase: Phase) -> list[str]:
         return [n for n in self.order if self.dag.nodes[n].get("phase") == phase]
 
+    def node_costs(self) -> dict[str, float]:
+        """Estimated seconds of every compute node and collective issue (what plans record)."""
+        return {
+            n: float(self.dag.nodes[n]["cost"])
+            for n in self.order
+            if self.dag.nodes[n]["kind"] in (NodeKind.COMPUTE, NodeKind.COLLECTIVE_ISSUE)
+        }
+
     def total_cost(self, kind: NodeKind = NodeKind.COMPUTE) -> float:
         return sum(self.dag.nodes[n]["cost"] for n in self.order if self.dag.nodes[n]["kind"] == kind)
 

@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.fx as fx
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -391,15 +390,14 @@ class MeasuredCoster(AnalyticCoster):
         return statistics.median(samples)
 
 
-def default_coster(config: GraphschedConfig, device: torch.device) -> RegionCoster:
+def default_coster(config: GraphschedConfig, device: torch.device, comm: Any = None) -> RegionCoster:
+    """Measured chunk costs when ``comm`` (the measured CommModel ``wrap`` made) is given, else
+    analytic ones. No collective runs here: this is called while compiling."""
     from graphsched.analysis.cost_source import resolve_mode
     from graphsched.analysis.costmodel import CostModel
 
     spec = DeviceSpec.detect(device)
-    if resolve_mode(config.cost_model, device) == "measured":
-        from graphsched.analysis.commmodel import benchmark_collectives
-
-        comm = benchmark_collectives() if dist.is_available() and dist.is_initialized() else CostModel(spec).comm_model()
+    if comm is not None and resolve_mode(config.cost_model, device) == "measured":
         return MeasuredCoster(spec, comm, device)
     return AnalyticCoster(spec, CostModel(spec).comm_model())
 
@@ -546,12 +544,14 @@ class ChunkingTransform:
     #: Builds the cost source for a device (default: analytic or measured per ``config``).
     coster_factory: Callable[[torch.device], RegionCoster] | None = None
     records: list[dict[str, Any]] = field(default_factory=list)
-    #: One cost source per device, kept across graphs (a measured one benchmarks the group once).
+    #: The measured CommModel made by ``wrap`` (None: analytic costs).
+    comm: Any = None
+    #: One cost source per device, kept across graphs.
     _costers: dict[str, RegionCoster] = field(default_factory=dict, repr=False)
 
     def _coster(self, device: torch.device) -> RegionCoster:
         if str(device) not in self._costers:
-            factory = self.coster_factory or (lambda d: default_coster(self.config, d))
+            factory = self.coster_factory or (lambda d: default_coster(self.config, d, self.comm))
             self._costers[str(device)] = factory(device)
         return self._costers[str(device)]
 
@@ -648,9 +648,9 @@ class ChunkingTransform:
             pending = [r.remapped(env) for r in pending]
 
 
-def make_graph_transform(config: GraphschedConfig) -> GraphTransform | None:
+def make_graph_transform(config: GraphschedConfig, comm: Any = None) -> GraphTransform | None:
     """The chunking transform for ``GraphschedBackend(graph_transform=...)``; None when
-    ``config.chunks == 1`` (nothing to do)."""
+    ``config.chunks == 1`` (nothing to do). ``comm``: the measured CommModel, if any."""
     if config.chunks == 1:
         return None
-    return ChunkingTransform(config)
+    return ChunkingTransform(config, comm=comm)

@@ -40,19 +40,11 @@ def default_cache_dir() -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "graphsched")
 
 
-def _costs_of(analysis: GraphAnalysis) -> dict[str, float]:
-    return {
-        n: float(analysis.dag.nodes[n]["cost"])
-        for n in analysis.order
-        if analysis.dag.nodes[n]["kind"] in (NodeKind.COMPUTE, NodeKind.COLLECTIVE_ISSUE)
-    }
-
-
 def agree_on_costs(analysis: GraphAnalysis) -> None:
     """Replace each node's cost by the maximum over ranks, so every rank plans from equal numbers."""
     if not world_is_distributed():
         return
-    agreed = agree_costs_across_ranks(_costs_of(analysis))
+    agreed = agree_costs_across_ranks(analysis.node_costs())
     for name, cost in agreed.items():
         analysis.dag.nodes[name]["cost"] = cost
 
@@ -60,7 +52,7 @@ def agree_on_costs(analysis: GraphAnalysis) -> None:
 def plan_key(analysis: GraphAnalysis, world_size: int) -> str:
     """Cache key: the graph, the cost numbers and the world it was planned for."""
     blob = json.dumps(
-        {"graph": analysis.graph_hash, "costs": sorted(_costs_of(analysis).items()), "world": world_size},
+        {"graph": analysis.graph_hash, "costs": sorted(analysis.node_costs().items()), "world": world_size},
         separators=(",", ":"),
     ).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
@@ -100,7 +92,7 @@ def plan_from_schedule(
         graph_name=analysis.name,
         graph_hash=analysis.graph_hash,
         tasks=tasks,
-        costs=_costs_of(analysis),
+        costs=analysis.node_costs(),
         predicted_time=schedule.makespan,
     )
 

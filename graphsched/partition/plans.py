@@ -113,18 +113,13 @@ def reverse_independent_order(gm: fx.GraphModule) -> list[str]:
 def plan_from_order(
     analysis: GraphAnalysis, gm: fx.GraphModule, order: Sequence[str], schedule: str
 ) -> Plan:
-    dag = analysis.dag
     return Plan(
         graph_name=analysis.name,
         graph_hash=analysis.graph_hash,
         tasks=tasks_from_order(analysis, gm, order),
         options={"schedule": schedule},
         # The estimates the graph was analysed with: enough to predict a timeline of the plan.
-        costs={
-            n: float(dag.nodes[n]["cost"])
-            for n in order
-            if dag.nodes[n]["kind"] in (NodeKind.COMPUTE, NodeKind.COLLECTIVE_ISSUE)
-        },
+        costs=analysis.node_costs(),
     )
 
 

@@ -101,6 +101,7 @@ def plan_agreement_checks(rank: int, world_size: int, cache_dir: str) -> dict[st
     return {
         "hashes": {k: p.content_hash() for k, p in plans.items()},
         "options": {k: p.options for k, p in plans.items()},
+        "predicted": {k: p.predicted_time for k, p in plans.items()},
         "windows": window_report(model),
     }
 
@@ -159,3 +160,16 @@ def plan_file_checks(rank: int, world_size: int, cache_dir: str, plan_path: str)
     except Exception as exc:  # noqa: BLE001 - dynamo may wrap the error; keep its text
         stale_error = f"{type(exc).__name__}: {exc}"
     return {"first": hashes_first, "second": hashes_second, "stale_error": stale_error}
+
+
+def measured_costs_checks(rank: int, world_size: int, cache_dir: str) -> Any:
+    """Measured costs (node profiling, collective benchmark at wrap) with chunks chosen from them."""
+    from graphsched.testing.parity import ParitySpec, run_parity
+
+    spec = ParitySpec(
+        model_overrides={"top_k": 2, "capacity_factor": 0.75},
+        steps=2,
+        wrap_options={"schedule": "ilp", "cost_model": "measured", "chunks": "auto", "cache_dir": cache_dir},
+        check_inference=False,
+    )
+    return run_parity(rank, world_size, spec)
