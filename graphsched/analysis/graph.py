@@ -9,6 +9,7 @@ is in flight) and that region's estimated cost.
 from __future__ import annotations
 
 import hashlib
+import operator
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -26,6 +27,7 @@ from graphsched.analysis.labels import (
     node_kind,
     op_name,
 )
+from graphsched.errors import GraphschedError
 
 CostFn = Callable[[fx.Node], float]
 
@@ -145,6 +147,27 @@ def build_dag(graph: fx.Graph) -> nx.DiGraph:
     return dag
 
 
+def _check_waited(graph: fx.Graph, dag: nx.DiGraph) -> None:
+    """Refuse a graph that reads a collective's result before waiting for it.
+
+    Such a graph reads a buffer the transfer may still be writing: its numbers depend on timing,
+    and no order can make them right (tuple results reach their waits through ``getitem``).
+    """
+    def waited(user: fx.Node) -> bool:
+        if dag.nodes[user.name]["kind"] == NodeKind.COLLECTIVE_WAIT:
+            return True
+        return user.target is operator.getitem and all(waited(u) for u in user.users)
+
+    for n in graph.nodes:
+        if dag.nodes[n.name]["kind"] == NodeKind.COLLECTIVE_ISSUE:
+            early = [u.name for u in n.users if not waited(u)]
+            if early:
+                raise GraphschedError(
+                    f"{n.name}'s result is read by {early} before its wait_tensor; every "
+                    "functional collective must be waited before use"
+                )
+
+
 def analyse_graph(
     gm: fx.GraphModule,
     name: str,
@@ -168,6 +191,7 @@ def analyse_graph(
         attrs["grad_target"] = weight_grad_target(reach.get(n.name)) if attrs["phase"] == Phase.WEIGHT_GRAD else None
         attrs["cost"] = float(cost_fn(n)) if kind in (NodeKind.COMPUTE, NodeKind.COLLECTIVE_ISSUE) else 0.0
 
+    _check_waited(graph, dag)
     collectives: list[CollectiveInfo] = []
     compute_nodes = [n.name for n in graph.nodes if dag.nodes[n.name]["kind"] == NodeKind.COMPUTE]
     for n in graph.nodes:

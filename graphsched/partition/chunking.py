@@ -45,12 +45,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from graphsched.analysis.commmodel import CommModel
 from graphsched.analysis.costmodel import DeviceSpec, flat_tensors, footprint_bytes
 from graphsched.config import GraphschedConfig
-from graphsched.errors import ConfigError, GraphschedFallbackWarning
+from graphsched.errors import ConfigError, GraphschedError, GraphschedFallbackWarning
 from graphsched.partition.ilp import solve
 from graphsched.partition.list_schedule import list_schedule
 from graphsched.partition.problem import COLLECTIVE, COMM, COMPUTE, SchedTask, Schedule, ScheduleProblem
 from graphsched.partition.regions import Region, find_regions
-from graphsched.partition.rewrite import chunk_sizes, rewrite_region, shape_in_chunk
+from graphsched.partition.rewrite import CHUNK_TAG, chunk_sizes, rewrite_region, shape_in_chunk
+from graphsched.partition.waits import inline_wait_functions, unwaited_collectives
 from graphsched.partition.split_rules import (
     ChunkCall,
     Cut,
@@ -593,6 +594,9 @@ class ChunkingTransform:
         return record
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
+        # torch <= 2.12 records the all-to-all's wait as an autograd function: make it a plain
+        # wait first, so that every region holds its collectives' waits (see waits.py).
+        inline_wait_functions(gm)
         regions = find_regions(gm, self.rules)
         decisions: dict[str, Any] = {}
         if regions:
@@ -646,6 +650,18 @@ class ChunkingTransform:
 
             env = rewrite_region(gm, region, d["sizes"], self.rules, key)
             pending = [r.remapped(env) for r in pending]
+        # Never a wrong answer: a chunk's collective read before its wait would read a buffer
+        # still in transfer (found on CUDA, where NCCL writes on its own stream).
+        unwaited = unwaited_collectives(
+            gm.graph,
+            lambda n: bool(getattr(self.rules.lookup(n), "collective", False)),
+            lambda n: getattr(self.rules.lookup(n), "wait", False),
+            only=lambda n: CHUNK_TAG in (n.meta.get("custom") or {}),
+        )
+        if unwaited:
+            raise GraphschedError(
+                f"chunked collectives {[n.name for n in unwaited]} are read before their wait"
+            )
 
 
 def make_graph_transform(config: GraphschedConfig, comm: Any = None) -> GraphTransform | None:

@@ -271,11 +271,24 @@ def _holes(nodes: set[fx.Node], all_nodes: set[fx.Node]) -> set[fx.Node]:
     return below & above & outside
 
 
+def _unwaited_outside(node: fx.Node, nodes: set[fx.Node], rules: SplitRules) -> bool:
+    """A collective of the region whose result is used outside it before any wait.
+
+    The chunks' copies of such a collective would be joined (``cat``) while their transfers are
+    still in flight, and the wait outside would then wait on the join, not on the transfers: a
+    read of buffers the communication stream is still writing. Every collective of a region
+    must therefore be waited inside it.
+    """
+    return bool(getattr(rules.lookup(node), "collective", False)) and any(u not in nodes for u in node.users)
+
+
 def _finish(grown: _Grown, rules: SplitRules, all_nodes: set[fx.Node]) -> set[fx.Node]:
     nodes = _trim(grown.nodes, rules)
     while True:
         drop: set[fx.Node] = set()
         for n in nodes:
+            if _unwaited_outside(n, nodes, rules):
+                drop |= _reach([n], _users, nodes)
             for a in operands(n):
                 # A partial coming from outside cannot be split into addends.
                 if a not in nodes and isinstance(grown.specs.get(a), Partial):

@@ -245,10 +245,19 @@ def rewrite_region(
         spec = region.specs[v]
         parts = copies[v]
         if isinstance(spec, Partial):
+            dtype = example_value(v).dtype
+            # Half-precision partials are added in float32 and rounded once, as the unchunked
+            # reduction (which accumulates in float32) rounds once.
+            widen = dtype in (torch.bfloat16, torch.float16)
+            if widen:
+                parts = [b.create(ChunkCall("call_method", "float", (p,), {}), f"{v.name}_w{j}", v, "join", _shape(v))
+                         for j, p in enumerate(parts)]
             total = parts[0]
             for j, p in enumerate(parts[1:], start=1):
-                name = v.name if j == len(parts) - 1 else f"{v.name}_sum{j}"
+                name = v.name if j == len(parts) - 1 and not widen else f"{v.name}_sum{j}"
                 total = b.create(ChunkCall("call_function", operator.add, (total, p), {}), name, v, "join", _shape(v))
+            if widen:
+                total = b.create(ChunkCall("call_method", "to", (total, dtype), {}), v.name, v, "join", _shape(v))
             return total
         assert isinstance(spec, Cut)
         if _plain(spec):

@@ -27,6 +27,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from graphsched.partition.waits import wait_collective
+
 aten = torch.ops.aten
 
 
@@ -170,6 +172,8 @@ class SplitRule:
     collective = False
     #: Moves no data (reshape, transpose, wait): costs nothing in the pipeline model.
     free = False
+    #: Waits for a collective: the only op that may read a collective's result.
+    wait = False
 
     def assign(self, node: fx.Node, shapes: OpShapes, slot: Slot, spec: Spec) -> Assignment | None:
         raise NotImplementedError
@@ -244,6 +248,15 @@ class Elementwise(SplitRule):
                 return None  # x * x is not linear in x
             return {OUT: PARTIAL, **{j: (PARTIAL if j == slot else None) for j in range(n_in)}}
         return None
+
+
+class Wait(Elementwise):
+    """A collective's wait: passes any spec through, moves no data."""
+
+    wait = True
+
+    def __init__(self) -> None:
+        super().__init__("unary", free=True)
 
 
 def _is_division(node: fx.Node) -> bool:
@@ -731,7 +744,9 @@ def default_rules() -> SplitRules:
     autograd_ns = getattr(torch.ops, "_c10d_functional_autograd", None)
     if autograd_ns is not None and hasattr(autograd_ns, "all_to_all_single"):
         table[autograd_ns.all_to_all_single] = a2a
-    table[torch.ops._c10d_functional.wait_tensor] = Elementwise("unary", free=True)
+    wait = Wait()
+    table[torch.ops._c10d_functional.wait_tensor] = wait
+    table[wait_collective] = wait  # waits Dynamo recorded as autograd functions (waits.py)
     table[F.layer_norm] = SameDims(1, _layer_norm_dims)
     table[torch.layer_norm] = SameDims(1, _layer_norm_dims)
     for fn in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, ("method", "softmax"),
