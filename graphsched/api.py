@@ -198,6 +198,11 @@ def save_plans(model: nn.Module, path: str) -> ModelPlan:
     return plans
 
 
+def _chunk_choice_line(name: str, choice: dict) -> str:
+    medians = ", ".join(f"{v} {t * 1e3:.2f} ms" for v, t in choice.get("median_step_s", {}).items())
+    return f"\n  {name}: chunking measured against the unchunked graph ({medians}): runs {choice.get('chosen')}"
+
+
 def explain(model: nn.Module, file: IO[str] | None = sys.stdout) -> str:
     """Print (and return) what graphsched captured: node labels, collectives, overlap regions."""
     state = state_of(model)
@@ -210,6 +215,8 @@ def explain(model: nn.Module, file: IO[str] | None = sys.stdout) -> str:
     header = (
         f"graphsched: {len(graphs)} graph(s) captured, schedule={state.config.schedule!r}"
         + "".join(f"\n  {g.name}: runs unscheduled ({g.fallback_reason})" for g in graphs if g.fallback_reason)
+        + "".join(_chunk_choice_line(g.name, g.plan.options["chunk_choice"]) for g in graphs
+                  if g.plan is not None and "chunk_choice" in g.plan.options)
     )
     text = render_report([g.analysis for g in graphs if g.analysis is not None], header)
     if file is not None:

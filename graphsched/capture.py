@@ -125,13 +125,43 @@ class GraphschedBackend:
             isinstance(x, torch.nn.Parameter) for x in example_inputs
         ]
         device = _device_of(example_inputs)
-        if self.graph_transform is not None:
-            # Rewrites before differentiation (e.g. micro-chunking) get their backward from
-            # AOTAutograd, so forward and backward stay consistent by construction.
-            gm = self.graph_transform(gm, example_inputs)
+        if self.graph_transform is None:
+            return self._aot(gm, example_inputs, f"g{gid}", param_mask, device, None)
+        from graphsched.partition.waits import inline_wait_functions
+
+        # The graph as captured (waits made plain: the same ops), kept beside the rewrite, which
+        # builds a new fx.Graph and leaves this one as it is.
+        inline_wait_functions(gm)
+        unchanged = fx.GraphModule(gm, gm.graph)
+        unchanged.meta = dict(gm.meta)
+        # Rewrites before differentiation (e.g. micro-chunking) get their backward from
+        # AOTAutograd, so forward and backward stay consistent by construction.
+        gm = self.graph_transform(gm, example_inputs)
         # What the rewrite decided (e.g. chunks per region) travels into every plan's options.
         decisions = gm.meta.get("graphsched_chunks") if hasattr(gm, "meta") else None
-        compile_ = partial(self._compile, gid, param_mask, device, decisions)
+        chunked = any(int(d.get("k", 1)) > 1 for d in (decisions or {}).values())
+        if not (chunked and self.config.chunks == "auto" and self.config.measure_chunks):
+            return self._aot(gm, example_inputs, f"g{gid}", param_mask, device, decisions)
+        # A predicted gain is checked against the clock: both graphs are compiled and the first
+        # steps run each in turn (runtime/measured_choice.py).
+        variants = {
+            "chunked": self._aot(gm, example_inputs, f"g{gid}", param_mask, device, decisions),
+            "unchunked": self._aot(unchanged, example_inputs, f"g{gid}u", param_mask, device, None),
+        }
+        from graphsched.runtime.agreement import share_from_rank0, world_is_distributed
+        from graphsched.runtime.measured_choice import MeasuredChoice
+
+        rank0 = not world_is_distributed() or torch.distributed.get_rank() == 0
+        return MeasuredChoice(
+            variants, "unchunked", device,
+            share=lambda choice: share_from_rank0(choice, "chunk-choice"),
+            on_decided=partial(self._keep_variant, gid),
+            is_rank0=rank0,
+        )
+
+    def _aot(self, gm: fx.GraphModule, example_inputs: Sequence[Any], name: str, param_mask: list[bool],
+             device: torch.device, decisions: Any) -> Callable[..., Any]:
+        compile_ = partial(self._compile, name, param_mask, device, decisions)
         backend = aot_autograd(
             fw_compiler=partial(compile_, GraphKind.FORWARD),
             bw_compiler=partial(compile_, GraphKind.BACKWARD),
@@ -140,9 +170,21 @@ class GraphschedBackend:
         )
         return backend(gm, example_inputs)
 
+    def _keep_variant(self, gid: int, chosen: str, record: Any) -> None:
+        """After a measured choice: the losing variant's graphs leave the log; the winner's plans
+        record what was measured."""
+        keep = f"g{gid}." if chosen == "chunked" else f"g{gid}u."
+        drop = f"g{gid}u." if chosen == "chunked" else f"g{gid}."
+        self.log.graphs = [g for g in self.log.graphs if not g.name.startswith(drop)]
+        summary = {"chosen": chosen, "median_step_s": record.medians(), "samples_s": record.samples}
+        for g in self.log.graphs:
+            if g.name.startswith(keep) and g.plan is not None:
+                g.plan.options = {**g.plan.options, "chunk_choice": summary}
+        log.info("g%d: %s", gid, record.describe())
+
     def _compile(
         self,
-        gid: int,
+        prefix: str,
         param_mask: list[bool],
         device: torch.device,
         decisions: Any,
@@ -150,7 +192,7 @@ class GraphschedBackend:
         gm: fx.GraphModule,
         example_inputs: Sequence[Any],
     ) -> Callable[[list[Any]], Any]:
-        name = f"g{gid}.{kind.value}"
+        name = f"{prefix}.{kind.value}"
         positions: list[int] | None = None
         if kind == GraphKind.BACKWARD:
             if _output_count(gm) == len(param_mask):

@@ -45,6 +45,9 @@ class GraphschedConfig:
     chunks: int | str = 1
     #: Largest extra buffer memory (bytes) chunking may add to one region; None = no limit.
     memory_limit_bytes: int | None = None
+    #: With chunks="auto": when chunking is predicted to pay, compile the unchunked graph too, time
+    #: the first steps of each and keep the faster (a prediction alone can be wrong).
+    measure_chunks: bool = True
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:

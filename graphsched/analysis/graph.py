@@ -9,7 +9,6 @@ is in flight) and that region's estimated cost.
 from __future__ import annotations
 
 import hashlib
-import operator
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -154,9 +153,11 @@ def _check_waited(graph: fx.Graph, dag: nx.DiGraph) -> None:
     and no order can make them right (tuple results reach their waits through ``getitem``).
     """
     def waited(user: fx.Node) -> bool:
-        if dag.nodes[user.name]["kind"] == NodeKind.COLLECTIVE_WAIT:
+        kind = dag.nodes[user.name]["kind"]
+        if kind == NodeKind.COLLECTIVE_WAIT:
             return True
-        return user.target is operator.getitem and all(waited(u) for u in user.users)
+        # Views and tuple indexing read no data: what matters is that their readers wait.
+        return kind == NodeKind.VIEW and bool(user.users) and all(waited(u) for u in user.users)
 
     for n in graph.nodes:
         if dag.nodes[n.name]["kind"] == NodeKind.COLLECTIVE_ISSUE:
