@@ -231,7 +231,7 @@ def explain(model: nn.Module, file: IO[str] | None = sys.stdout) -> str:
     """Print (and return) what graphsched captured: node labels, collectives, overlap regions."""
     state = state_of(model)
     graphs = state.capture.graphs
-    from graphsched.reasons import nothing_to_schedule
+    from graphsched.reasons import describe_solve, nothing_to_schedule
 
     reason = nothing_to_schedule(state)
     if not graphs and reason:
@@ -247,6 +247,8 @@ def explain(model: nn.Module, file: IO[str] | None = sys.stdout) -> str:
         f"graphsched: {len(graphs)} graph(s) captured, schedule={state.config.schedule!r}"
         + ("\n" + reason if reason else
            "".join(f"\n  {g.name}: runs unscheduled ({g.fallback_reason})" for g in graphs if g.fallback_reason))
+        + "".join(f"\n  {g.name}: {describe_solve(g.plan.options)}" for g in graphs
+                  if g.plan is not None and describe_solve(g.plan.options))
     )
     text = render_report([g.analysis for g in graphs if g.analysis is not None], header)
     if file is not None:

@@ -28,3 +28,17 @@ def nothing_to_schedule(state: Any) -> str | None:
     if graphs and all(g.fallback_reason == "no collectives" for g in graphs):
         return "graphsched: nothing to schedule: " + NO_COLLECTIVE.format(graphs=len(graphs))
     return None
+
+
+def describe_solve(options: dict[str, Any]) -> str | None:
+    """One line on how an ILP plan was chosen: the solver, and whether it proved optimality."""
+    if options.get("schedule") != "ilp" or "status" not in options:
+        return None
+    status = options["status"]
+    proof = {
+        "optimal": "proved optimal (solver proof or the lower bound met)",
+        "feasible": "not proved optimal (best found within solver_time_limit_s)",
+        "incumbent": "not proved optimal (no solver result beat the list schedule)",
+    }.get(status, f"status {status}")
+    return (f"ILP plan by {options.get('method', '?')}, solver {options.get('solver', 'CBC')}, {proof}, "
+            f"{options.get('solve_time_s', 0):g} s")
