@@ -218,6 +218,12 @@ def save_plans(model: nn.Module, path: str) -> ModelPlan:
     reason = nothing_to_schedule(state_of(model))
     if not plans.plans and reason:
         raise GraphschedError(f"no plan to save. {reason}")
+    graphs = state_of(model).capture.graphs
+    if not plans.plans and graphs:
+        raise GraphschedError(
+            "no scheduled graph to save: every captured graph runs unscheduled ("
+            + "; ".join(f"{g.name}: {g.fallback_reason}" for g in graphs) + ")."
+        )
     if not plans.plans:
         raise GraphschedError(
             "no scheduled graph to save: run one training step of the wrapped model first."
