@@ -20,6 +20,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Sequence
 
@@ -27,13 +28,15 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.presets import ALL_VARIANTS, PRESETS, BenchPreset, get_bench_preset
-from benchmarks.report import build_record, format_table, write_record
+from benchmarks.report import build_record, derived, format_table, write_record
 from benchmarks.variants import BenchContext, VariantResult, run_variant
 from graphsched.errors import ConfigError
 from graphsched.models import make_batch
 from graphsched.runtime.emulated import init_emulated_process_group, new_emulated_group
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # GPU records kept: --out
+#: Default home of the JSON records: outside the source tree.
+DEFAULT_OUT_DIR = os.path.join(tempfile.gettempdir(), "graphsched_bench")
 OPTIMIZERS = ("none", "sgd", "adamw")
 
 
@@ -99,7 +102,19 @@ def default_out_path(preset: BenchPreset, bandwidth: float, device: dict[str, An
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     tag = _device_tag(device)
     bw = "inf" if math.isinf(bandwidth) else f"{bandwidth:g}".replace(".", "p")
-    return os.path.join(RESULTS_DIR, f"{preset.name}_{bw}GBps_{tag}_{stamp}.json")
+    return os.path.join(DEFAULT_OUT_DIR, f"{preset.name}_{bw}GBps_{tag}_{stamp}.json")
+
+
+def cpu_note(results: dict[str, VariantResult], device_type: str) -> str | None:
+    """What CPU figures are (and are not): printed under the table and kept in the record."""
+    if device_type == "cuda":
+        return None
+    rows = derived(results)
+    odd = [n for n, d in rows.items() if (d["exposed_comm_ms"] or 0) < 0 or (d["limit_fraction"] or 0) > 1]
+    return ("note: CPU figures show that every variant runs; they are not speed results. On a CPU the "
+            "emulated link's copies and the matmuls share the same few cores and step times are noisy, "
+            "so a step can beat its compute-only reference (negative exposed ms) or the limit (of limit "
+            "above 1)" + (f", as here for {', '.join(odd)}" if odd else "") + ". Measure speed on a GPU.")
 
 
 def _free_cuda() -> None:
@@ -268,6 +283,9 @@ def run_benchmark(
             f"({meta['timing']['step']})",
         ]
         log(format_table(results, header))
+        record["note"] = note = cpu_note(results, device.type)
+        if note:
+            log(note)
         path = out or default_out_path(preset, preset.bandwidth_gbps, env["device"])
         write_record(record, path)
         record["path"] = path
@@ -301,7 +319,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change a preset field (batch_size=2, virtual_size=16) or a model field "
                    "(model.n_layers=2); repeatable")
-    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/...)")
+    p.add_argument("--out", default=None, help=f"JSON path (default: a new file in {DEFAULT_OUT_DIR}; keep GPU records with "
+                   "--out benchmarks/results/NAME.json)")
     p.add_argument("--timeline-dir", default=None,
                    help="write each graphsched variant's timeline (PNG + trace) of one step here")
     p.add_argument("--list", action="store_true", help="list the presets and exit")

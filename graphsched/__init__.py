@@ -3,6 +3,7 @@
 from graphsched.api import captured_analyses, captured_graphs, captured_plans, explain, record, save_plans, unwrap, wrap
 from graphsched.config import GraphschedConfig
 from graphsched.errors import (
+    AgreementTimeoutError,
     ConfigError,
     GraphschedError,
     GraphschedFallbackWarning,
@@ -16,6 +17,7 @@ from graphsched.timelines import Timeline, Timelines, timeline
 __version__ = "0.1.0"
 
 __all__ = [
+    "AgreementTimeoutError",
     "ConfigError",
     "GraphschedConfig",
     "GraphschedError",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterator
 
@@ -20,7 +21,7 @@ from graphsched.analysis.graph import CostFn, GraphAnalysis
 from graphsched.analysis.report import render_report
 from graphsched.capture import CaptureLog, GraphschedBackend, Planner
 from graphsched.config import GraphschedConfig
-from graphsched.errors import ConfigError, GraphschedError
+from graphsched.errors import ConfigError, GraphschedError, GraphschedFallbackWarning, graphsched_cause
 from graphsched.plan import ModelPlan, Plan
 from graphsched.runtime.recorder import StepRecorder
 from graphsched.runtime.groups import GroupFingerprint, check_same_groups, fingerprint, group_slots
@@ -37,6 +38,8 @@ class GraphschedState:
     groups: GroupFingerprint
     group_slots: list
     compiled: Callable[..., Any]
+    #: Calls of the wrapped model so far.
+    calls: int = 0
 
 
 class _GuardedCall:
@@ -48,7 +51,20 @@ class _GuardedCall:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.state.config.check_process_groups:
             check_same_groups(self.state.groups, fingerprint(self.state.group_slots))
-        return self.state.compiled(*args, **kwargs)
+        self.state.calls += 1
+        try:
+            out = self.state.compiled(*args, **kwargs)
+        except Exception as exc:
+            # Dynamo wraps graphsched's errors in BackendCompilerFailed with its bug-report advice.
+            cause = graphsched_cause(exc)
+            if cause is None or cause is exc:
+                raise
+            raise cause from None
+        if self.state.calls == 1 and self.state.capture.dynamo_graphs == 0:
+            from graphsched.reasons import nothing_to_schedule
+
+            warnings.warn(nothing_to_schedule(self.state) or "", GraphschedFallbackWarning, stacklevel=2)
+        return out
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -87,6 +103,11 @@ def wrap(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"graphsched.wrap expects a torch.nn.Module, got {type(model).__name__}.")
+    if config is not None and not isinstance(config, GraphschedConfig):
+        raise ConfigError(
+            f"graphsched.wrap's second argument is a GraphschedConfig, not {config!r}; pass options "
+            f"by name, e.g. graphsched.wrap(model, schedule={config!r})."
+        )
     if config is None:
         config = GraphschedConfig.from_options(**options)
     elif options:
@@ -99,6 +120,9 @@ def wrap(
         return model
     if getattr(model, _STATE_ATTR, None) is not None:
         unwrap(model)
+    from graphsched.fingerprint import check_same_options
+
+    check_same_options(config)  # first, so every later exchange is made alike on every rank
     # DeepSpeed MoE layers get a capturable all-to-all (per instance; nothing global changes).
     # Random gating is accepted only where nothing is reordered.
     prepare_for_capture(model, allow_random_gating=config.schedule == "identity")
@@ -189,6 +213,17 @@ def record(model: nn.Module, rank: int | None = None) -> Iterator[StepRecorder]:
 def save_plans(model: nn.Module, path: str) -> ModelPlan:
     """Write the plans of every scheduled graph to ``path`` (reuse with ``wrap(..., plan_file=path)``)."""
     plans = ModelPlan(plans=captured_plans(model))
+    from graphsched.reasons import nothing_to_schedule
+
+    reason = nothing_to_schedule(state_of(model))
+    if not plans.plans and reason:
+        raise GraphschedError(f"no plan to save. {reason}")
+    graphs = state_of(model).capture.graphs
+    if not plans.plans and graphs:
+        raise GraphschedError(
+            "no scheduled graph to save: every captured graph runs unscheduled ("
+            + "; ".join(f"{g.name}: {g.fallback_reason}" for g in graphs) + ")."
+        )
     if not plans.plans:
         raise GraphschedError(
             "no scheduled graph to save: run one training step of the wrapped model first."
@@ -207,6 +242,13 @@ def explain(model: nn.Module, file: IO[str] | None = sys.stdout) -> str:
     """Print (and return) what graphsched captured: node labels, collectives, overlap regions."""
     state = state_of(model)
     graphs = state.capture.graphs
+    from graphsched.reasons import describe_solve, nothing_to_schedule
+
+    reason = nothing_to_schedule(state)
+    if not graphs and reason:
+        if file is not None:
+            print(reason, file=file)
+        return reason
     if not graphs:
         raise GraphschedError(
             "graphsched has not captured anything yet: run one forward (and backward) step of the "
@@ -214,7 +256,10 @@ def explain(model: nn.Module, file: IO[str] | None = sys.stdout) -> str:
         )
     header = (
         f"graphsched: {len(graphs)} graph(s) captured, schedule={state.config.schedule!r}"
-        + "".join(f"\n  {g.name}: runs unscheduled ({g.fallback_reason})" for g in graphs if g.fallback_reason)
+        + ("\n" + reason if reason else
+           "".join(f"\n  {g.name}: runs unscheduled ({g.fallback_reason})" for g in graphs if g.fallback_reason))
+        + "".join(f"\n  {g.name}: {describe_solve(g.plan.options)}" for g in graphs
+                  if g.plan is not None and describe_solve(g.plan.options))
         + "".join(_chunk_choice_line(g.name, g.plan.options["chunk_choice"]) for g in graphs
                   if g.plan is not None and "chunk_choice" in g.plan.options)
     )

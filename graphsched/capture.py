@@ -28,7 +28,8 @@ from graphsched.analysis.labels import GraphKind
 from graphsched.config import GraphschedConfig
 from graphsched.errors import ConfigError, GraphschedFallbackWarning, PlanMismatchError
 from graphsched.plan import Plan
-from graphsched.runtime.agreement import verify_same_plan
+from graphsched.fingerprint import check_same_graph
+from graphsched.runtime.agreement import keeps_alive, verify_same_plan
 from graphsched.runtime.executor import GraphExecutor
 
 log = logging.getLogger("graphsched.capture")
@@ -114,9 +115,11 @@ class GraphschedBackend:
         self.graph_transform = graph_transform
         self._warned = False
 
+    @keeps_alive
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         gid = self.log.dynamo_graphs
         self.log.dynamo_graphs += 1
+        check_same_graph(f"g{gid}", gm, example_inputs)
         # AOTAutograd's flat inputs are the graph module's own parameters and buffers, then the
         # example inputs; the backward returns one gradient per flat input, in the same order.
         n_params = sum(1 for _ in gm.parameters())
@@ -182,6 +185,7 @@ class GraphschedBackend:
                 g.plan.options = {**g.plan.options, "chunk_choice": summary}
         log.info("g%d: %s", gid, record.describe())
 
+    @keeps_alive
     def _compile(
         self,
         prefix: str,

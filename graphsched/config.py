@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,8 +49,12 @@ class GraphschedConfig:
     #: With chunks="auto": when chunking is predicted to pay, compile the unchunked graph too, time
     #: the first steps of each and keep the faster (a prediction alone can be wrong).
     measure_chunks: bool = True
+    #: Seconds a rank waits for the others to agree (options, graphs, plans) after their last sign
+    #: of life; a rank still working inside graphsched (profiling, solving) keeps the others waiting.
+    agreement_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.schedule not in SCHEDULES:
             raise ConfigError(
                 f"schedule={self.schedule!r} is not known; use one of {', '.join(SCHEDULES)}."
@@ -96,3 +101,35 @@ class GraphschedConfig:
 
     def replace(self, **changes: Any) -> "GraphschedConfig":
         return dataclasses.replace(self, **changes)
+
+
+_NUMBER = "a number"
+_PATH = "a path (str) or None"
+#: What each option must be (checked before its range), as a predicate and a description.
+_TYPES: dict[str, tuple[Any, str]] = {
+    "schedule": (lambda v: isinstance(v, str), f"one of the strings {', '.join(SCHEDULES)}"),
+    "cost_model": (lambda v: isinstance(v, str), f"one of the strings {', '.join(COST_MODELS)}"),
+    "fullgraph": (lambda v: isinstance(v, bool), "True or False"),
+    "use_comm_stream": (lambda v: isinstance(v, bool), "True or False"),
+    "solver_time_limit_s": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), _NUMBER),
+    "max_chunks": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "plan_file": (lambda v: v is None or isinstance(v, (str, os.PathLike)), _PATH),
+    "cache_dir": (lambda v: v is None or isinstance(v, (str, os.PathLike)), _PATH),
+    "check_process_groups": (lambda v: isinstance(v, bool), "True or False"),
+    "free_after_last_use": (lambda v: isinstance(v, bool), "True or False"),
+    "extra": (lambda v: isinstance(v, dict), "a dict"),
+    "chunks": (lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool)), 'an integer or "auto"'),
+    "memory_limit_bytes": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "an integer or None"),
+    "agreement_timeout_s": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+                            "a number of seconds > 0"),
+    "measure_chunks": (lambda v: isinstance(v, bool), "True or False"),
+}
+
+
+def _check_types(config: GraphschedConfig) -> None:
+    for name, (ok, expected) in _TYPES.items():
+        value = getattr(config, name, None)
+        if hasattr(config, name) and not ok(value):
+            raise ConfigError(
+                f"{name}={value!r} ({type(value).__name__}) is not valid: {name} must be {expected}."
+            )

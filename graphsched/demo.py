@@ -19,19 +19,50 @@ from graphsched.testing.parity import ParityResult, ParitySpec, run_parity
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from graphsched.config import SCHEDULES
+    from graphsched.models.config import PRESETS
+
     parser.add_argument("--steps", type=int, default=4, help="training steps (default 4)")
-    parser.add_argument("--preset", default="tiny", help="model preset: tiny, small, gpu_medium, gpu_large")
-    parser.add_argument("--top-k", type=int, default=2, choices=(1, 2), help="experts per token")
+    parser.add_argument("--preset", default="tiny", choices=tuple(PRESETS),
+                        help="model preset (default tiny; gpu_* presets are sized for a GPU)")
+    parser.add_argument("--top-k", type=int, default=2, choices=(1, 2), help="experts per token (default 2)")
     parser.add_argument("--capacity-factor", type=float, default=0.75,
                         help="expert capacity factor (below 1 drops tokens; default 0.75)")
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--world-size", type=int, default=2, help="processes (expert-parallel ranks)")
-    parser.add_argument("--schedule", default="identity", help="graphsched schedule")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--batch-size", type=int, default=2, help="sequences per rank and step (default 2)")
+    parser.add_argument("--world-size", type=int, default=2,
+                        help="processes = expert-parallel ranks (default 2; must divide the experts)")
+    parser.add_argument("--schedule", default="identity", choices=SCHEDULES,
+                        help="graphsched schedule (default identity; ilp solves for overlap)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cpu: gloo processes; cuda: NCCL, one GPU per process (default cpu)")
     parser.add_argument("--out", default="graphsched_out",
-                        help="folder for plan.json, trace.json, timeline.png and timeline.json")
+                        help="folder for plan.json, trace.json, timeline.png and timeline.json "
+                             "(default graphsched_out)")
     parser.add_argument("--tolerance", type=float, default=0.0,
-                        help="largest accepted gradient difference (0: bitwise equal)")
+                        help="largest accepted gradient difference (default 0: bitwise equal)")
+
+
+def check_arguments(args: argparse.Namespace) -> str | None:
+    """What is wrong with ``args`` (one line), found before any process starts; None if nothing."""
+    from graphsched.errors import GraphschedError
+    from graphsched.models.config import get_preset
+    from graphsched.models.moe import check_expert_split
+
+    if args.steps < 1 or args.batch_size < 1 or args.world_size < 1:
+        return "--steps, --batch-size and --world-size must be at least 1."
+    if args.device == "cuda":
+        import torch
+
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if found < args.world_size:
+            return (f"--device cuda needs {args.world_size} GPU(s) (one per process), this machine "
+                    f"has {found}; run on CPU with --device cpu (the default) or lower --world-size.")
+    try:
+        config = get_preset(args.preset)
+        check_expert_split(config.num_experts, args.world_size)
+    except GraphschedError as exc:
+        return str(exc)
+    return None
 
 
 def _print_results(results: list[ParityResult], tolerance: float) -> bool:
@@ -84,6 +115,10 @@ def _write_timelines(out: Path, plans: dict[str, Any], results: list[ParityResul
 
 
 def run(args: argparse.Namespace) -> int:
+    problem = check_arguments(args)
+    if problem is not None:
+        print(f"graphsched demo: error: {problem}", file=sys.stderr)
+        return 2
     spec = ParitySpec(
         preset=args.preset,
         model_overrides={"top_k": args.top_k, "capacity_factor": args.capacity_factor},

@@ -25,3 +25,22 @@ class ProcessGroupMismatchError(GraphschedError):
 
 class GraphschedFallbackWarning(UserWarning):
     """A graph could not be scheduled and runs unscheduled (same numerics as eager)."""
+
+
+class AgreementTimeoutError(GraphschedError):
+    """Another rank showed no sign of life while this rank waited for it to agree on a plan."""
+
+
+def graphsched_cause(exc: BaseException) -> "GraphschedError | None":
+    """The GraphschedError that ``exc`` wraps (Dynamo wraps errors raised inside a backend)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, GraphschedError):
+            return e
+        todo += [getattr(e, "inner_exception", None), e.__cause__, e.__context__]
+    return None

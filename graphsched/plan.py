@@ -110,6 +110,24 @@ class ModelPlan:
     @classmethod
     def from_json(cls, text: str) -> "ModelPlan":
         data = json.loads(text)
+        if not isinstance(data, dict) or not data:
+            raise ValueError(
+                f"this JSON ({'an empty object' if data == {} else type(data).__name__}) holds no plans; "
+                "a plan file is what graphsched.save_plans(model, path) writes, or the plan.json "
+                "graphsched demo writes"
+            )
+        if "version" not in data and "plans" not in data:
+            if "graph_hash" in data and "tasks" in data:  # one Plan's JSON
+                plan = Plan.from_dict(data)
+                return cls(plans={plan.graph_name: plan})
+            if all(isinstance(v, dict) and "graph_hash" in v and "tasks" in v for v in data.values()):
+                # graphsched demo's plan.json: graph name -> Plan, as written by this version
+                return cls(plans={k: Plan.from_dict(v) for k, v in data.items()})
+            raise ValueError(
+                "this JSON is not a graphsched plan file (no 'version' and 'plans', and its entries "
+                "are not plans); pass the file graphsched.save_plans(model, path) wrote, or the "
+                "plan.json of graphsched demo"
+            )
         if data.get("version") != PLAN_FORMAT_VERSION:
             raise ValueError(
                 f"plan file version {data.get('version')!r} is not supported; re-plan with this "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -332,3 +333,25 @@ def test_presets_and_overrides():
 def test_cli_lists_presets(capsys):
     assert main(["--list"]) == 0
     assert "tiny-cpu" in capsys.readouterr().out
+
+
+def test_benchmark_records_go_outside_the_source_tree_by_default():
+    from benchmarks.presets import get_bench_preset
+    from benchmarks.run import default_out_path
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = default_out_path(get_bench_preset("tiny-cpu"), 25.0, {"type": "cpu", "name": "x86_64"})
+    assert not os.path.abspath(path).startswith(repo + os.sep), path
+    assert "graphsched_bench" in path
+
+
+def test_cpu_figures_are_labelled_as_not_speed_results():
+    from benchmarks.run import cpu_note
+
+    results = {r.name: r for r in (
+        _result("eager", 10.0), _result("compute-only", 8.0), _result("comm-only", 5.0),
+        _result("graphsched-ilp", 7.5),  # beats its compute-only reference: CPU noise
+    )}
+    note = cpu_note(results, "cpu")
+    assert "not speed results" in note and "negative exposed ms" in note and "graphsched-ilp" in note
+    assert cpu_note(results, "cuda") is None

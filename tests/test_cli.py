@@ -109,3 +109,41 @@ def test_demo_writes_plan_trace_and_timeline_png(tmp_path, capsys):
     expected = {(g, t["name"]) for g, p in plan.items() if not g.endswith("inference") for t in p["tasks"]}
     assert measured == expected  # every task of the training step's plans was recorded
     assert _is_picture(out / "timeline.png")
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--device", "cuda"], "--device cuda needs 2 GPU(s)"),
+        (["--schedule", "fast"], "invalid choice: 'fast'"),
+        (["--preset", "huge"], "invalid choice: 'huge'"),
+        (["--world-size", "3"], "cannot be split"),
+    ],
+)
+def test_demo_refuses_bad_arguments_in_one_line_before_starting_processes(monkeypatch, capsys, argv, fragment):
+    import torch
+
+    import graphsched.demo
+
+    def no_spawn(*a, **k):
+        raise AssertionError("processes were started")
+
+    monkeypatch.setattr(graphsched.demo, "run_distributed", no_spawn)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    try:
+        code = main(["demo", *argv])
+    except SystemExit as exc:  # argparse's own choice errors
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and fragment in errors[0], err
+    assert "Traceback" not in err
+
+
+def test_demo_help_lists_choices_and_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = capsys.readouterr().out
+    assert "{identity,reverse_independent,ilp}" in text and "{tiny,small,gpu_medium,gpu_large}" in text
+    assert "default identity" in text and "default tiny" in text and "default cpu" in text

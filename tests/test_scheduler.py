@@ -40,6 +40,14 @@ def test_weight_gradient_work_fills_the_backward_all_to_all_windows(agreement):
         assert w["unfilled_with_candidates"] == []
 
 
+def test_explain_says_which_solver_ran_and_whether_it_proved_optimality(agreement):
+    text = agreement[0]["explain"]
+    for name in agreement[0]["options"]:
+        line = next(l for l in text.splitlines() if l.strip().startswith(f"{name}: ILP plan"))
+        assert "solver CBC" in line and "pulp" in line
+        assert "proved optimal" in line  # "proved optimal" or "not proved optimal"
+
+
 def test_ilp_predicts_no_slower_than_the_captured_order(agreement):
     for name, opts in agreement[0]["options"].items():
         assert opts["schedule"] == "ilp"
@@ -59,13 +67,24 @@ def test_a_different_plan_on_one_rank_fails_fast_instead_of_hanging():
         assert "Fix:" in r["error"]
 
 
-def test_saved_plans_are_reused_as_they_are_and_stale_ones_refused(tmp_path):
-    results = run_distributed(
+@pytest.fixture(scope="module")
+def plan_files(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("plan_files")
+    return run_distributed(
         plan_file_checks, world_size=2, args=(str(tmp_path / "cache"), str(tmp_path / "plans.json"))
     )
-    for r in results:
+
+
+def test_saved_plans_are_reused_as_they_are_and_stale_ones_refused(plan_files):
+    for r in plan_files:
         assert r["first"] and r["first"] == r["second"]
         assert "plan_file" in r["stale_error"] and "Re-plan" in r["stale_error"]
+
+
+def test_a_plan_file_for_another_shape_raises_graphsched_error_not_a_torch_bug_report(plan_files):
+    for r in plan_files:
+        assert r["stale_error"].startswith("ConfigError: plan_file"), r["stale_error"][:300]
+        assert "report a bug" not in r["stale_error"] and "BackendCompilerFailed" not in r["stale_error"]
 
 
 def test_coarsening_never_groups_nodes_on_both_sides_of_a_wait():

@@ -91,6 +91,11 @@ def _cbc(**options) -> pulp.LpSolver:
     return pulp.COIN_CMD(**options)
 
 
+def solver_name() -> str:
+    """Which MILP solver the ILP steps run, e.g. ``"CBC (PULP_CBC_CMD, pulp 3.3.2)"``."""
+    return f"CBC ({type(_cbc()).__name__}, pulp {pulp.__version__})"
+
+
 def _run_cbc(
     prob: pulp.LpProblem,
     time_limit_s: float,

@@ -23,7 +23,7 @@ from graphsched.analysis.labels import NodeKind
 from graphsched.config import GraphschedConfig
 from graphsched.errors import ConfigError
 from graphsched.partition.coarsen import CoarseGraph, coarsen
-from graphsched.partition.ilp import solve
+from graphsched.partition.ilp import solve, solver_name
 from graphsched.partition.plans import module_path
 from graphsched.partition.problem import COMM, Schedule
 from graphsched.partition.simulate import lower_bound, simulate
@@ -144,6 +144,7 @@ class IlpPlanner:
             "schedule": "ilp",
             "method": schedule.method,
             "status": schedule.status,
+            "solver": solver_name(),
             "solve_time_s": round(schedule.solve_time_s, 3),
             "tasks": len(problem),
             "comm_tasks": sum(1 for t in problem.tasks if t.resource == COMM),

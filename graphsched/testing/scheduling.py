@@ -103,6 +103,7 @@ def plan_agreement_checks(rank: int, world_size: int, cache_dir: str) -> dict[st
         "options": {k: p.options for k, p in plans.items()},
         "predicted": {k: p.predicted_time for k, p in plans.items()},
         "windows": window_report(model),
+        "explain": graphsched.explain(model, file=None),
     }
 
 
@@ -156,7 +157,7 @@ def plan_file_checks(rank: int, world_size: int, cache_dir: str, plan_path: str)
         longer_idx, longer_targets = make_batch(config, 3, seed=rank)  # another shape: another graph
         stale(longer_idx, longer_targets)
     except ConfigError as exc:
-        stale_error = str(exc)
+        stale_error = f"ConfigError: {exc}"
     except Exception as exc:  # noqa: BLE001 - dynamo may wrap the error; keep its text
         stale_error = f"{type(exc).__name__}: {exc}"
     return {"first": hashes_first, "second": hashes_second, "stale_error": stale_error}

@@ -50,9 +50,14 @@ def timeline(model: nn.Module, step_fn: Callable[[], Any] | None = None, rank: i
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     plans = api.captured_plans(model)
     if not plans:
+        from graphsched.errors import GraphschedError
+        from graphsched.reasons import nothing_to_schedule
+
+        reason = nothing_to_schedule(api.state_of(model))
+        if reason:
+            raise GraphschedError(f"no timeline to show. {reason}")
         if measured is not None:
             return Timelines(measured=measured)
-        from graphsched.errors import GraphschedError
 
         raise GraphschedError(
             "graphsched has no scheduled graph for this model yet (nothing captured, or no graph "
