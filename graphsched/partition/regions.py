@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator
 
 import torch.fx as fx
 
+from graphsched.partition.mutation import conflicts_with_mutation, mutated_roots
 from graphsched.partition.plans import module_path
 from graphsched.partition.split_rules import (
     OUT,
@@ -314,6 +315,7 @@ def find_regions(gm: fx.GraphModule | fx.Graph, rules: SplitRules | None = None)
     all_nodes = set(order)
     taken: set[fx.Node] = set()
     regions: list[Region] = []
+    mutations = mutated_roots(graph)
     for node in graph.nodes:
         if node in taken or not getattr(rules.lookup(node), "collective", False):
             continue
@@ -328,6 +330,8 @@ def find_regions(gm: fx.GraphModule | fx.Graph, rules: SplitRules | None = None)
             if node not in nodes or key_nodes in tried:
                 continue
             tried.add(key_nodes)
+            if conflicts_with_mutation(nodes, order, mutations):
+                continue  # an in-place op would see the chunks at another time (mutation.py)
             extent = _extent(nodes, grown.specs)
             if extent < 2:
                 continue
