@@ -16,6 +16,10 @@ SCHEDULES = ("identity", "reverse_independent", "ilp")
 #: ``measured`` (each node timed on the device, cached on disk; collectives from a microbenchmark
 #: of the process group) or ``auto`` (measured on CUDA, analytic elsewhere).
 COST_MODELS = ("auto", "analytic", "measured")
+#: What runs a plan: ``aten`` (graphsched's executor, op by op, eager numerics), ``inductor``
+#: (inductor-generated fused kernels emitted in the plan's order) or ``auto`` (inductor on CUDA
+#: with triton, aten elsewhere).
+CODEGENS = ("auto", "aten", "inductor")
 
 
 @dataclass
@@ -45,8 +49,12 @@ class GraphschedConfig:
     chunks: int | str = 1
     #: Largest extra buffer memory (bytes) chunking may add to one region; None = no limit.
     memory_limit_bytes: int | None = None
+    #: What runs the plans: one of CODEGENS (see docs/inductor.md).
+    codegen: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.codegen not in CODEGENS:
+            raise ConfigError(f"codegen={self.codegen!r} is not known; use one of {', '.join(CODEGENS)}.")
         if self.schedule not in SCHEDULES:
             raise ConfigError(
                 f"schedule={self.schedule!r} is not known; use one of {', '.join(SCHEDULES)}."
