@@ -19,6 +19,7 @@ import torch.nn as nn
 from graphsched.analysis.graph import CostFn, GraphAnalysis
 from graphsched.analysis.report import render_report
 from graphsched.capture import CaptureLog, GraphschedBackend, Planner
+from graphsched.codegen.inductor import describe_codegen
 from graphsched.config import GraphschedConfig
 from graphsched.errors import ConfigError, GraphschedError
 from graphsched.plan import ModelPlan, Plan
@@ -210,6 +211,7 @@ def explain(model: nn.Module, file: IO[str] | None = sys.stdout) -> str:
     header = (
         f"graphsched: {len(graphs)} graph(s) captured, schedule={state.config.schedule!r}"
         + "".join(f"\n  {g.name}: runs unscheduled ({g.fallback_reason})" for g in graphs if g.fallback_reason)
+        + "".join(f"\n  {g.name}: {describe_codegen(g.plan)}" for g in graphs if g.codegen == "inductor" and g.plan)
     )
     text = render_report([g.analysis for g in graphs if g.analysis is not None], header)
     if file is not None:

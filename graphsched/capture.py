@@ -25,7 +25,13 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from graphsched.analysis.graph import CostFn, GraphAnalysis, analyse_graph
 from graphsched.analysis.labels import GraphKind
-from graphsched.codegen.inductor import compile_graph, compile_plan, inductor_aot_options, resolve_codegen
+from graphsched.codegen.inductor import (
+    compile_graph,
+    compile_plan,
+    inductor_aot_options,
+    inductor_deterministic,
+    resolve_codegen,
+)
 from graphsched.config import GraphschedConfig
 from graphsched.errors import ConfigError, GraphschedFallbackWarning, PlanMismatchError
 from graphsched.plan import Plan
@@ -119,6 +125,7 @@ class GraphschedBackend:
         self.graph_transform = graph_transform
         self._warned = False
         self._warned_inductor = False
+        self._inductor_deterministic = False
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         gid = self.log.dynamo_graphs
@@ -137,6 +144,9 @@ class GraphschedBackend:
             gm = self.graph_transform(gm, example_inputs)
         # What the rewrite decided (e.g. chunks per region) travels into every plan's options.
         decisions = gm.meta.get("graphsched_chunks") if hasattr(gm, "meta") else None
+        # Read in the user's thread: inductor's config is thread-local, and AOTAutograd may compile
+        # the backward on autograd's thread.
+        self._inductor_deterministic = inductor_deterministic()
         compile_ = partial(self._compile, gid, param_mask, device, decisions)
         backend = aot_autograd(
             fw_compiler=partial(compile_, GraphKind.FORWARD),
@@ -218,7 +228,9 @@ class GraphschedBackend:
     ) -> Callable[[list[Any]], Any] | None:
         """The plan as inductor's code; None (after one warning) when inductor cannot do it."""
         try:
-            compiled, order = compile_plan(gm, example_inputs, kind, plan, analysis, verify_same_plan)
+            compiled, order = compile_plan(
+                gm, example_inputs, kind, plan, analysis, verify_same_plan, self._inductor_deterministic
+            )
         except Exception as exc:  # noqa: BLE001 - the aten executor runs the same plan
             self._warn_inductor(name, exc)
             return None

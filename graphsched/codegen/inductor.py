@@ -64,6 +64,13 @@ def resolve_codegen(codegen: str, device: torch.device) -> str:
     return codegen
 
 
+def inductor_deterministic() -> bool:
+    """Inductor's ``config.deterministic``: when on, inductor skips every reordering pass."""
+    from torch._inductor import config as ic
+
+    return bool(getattr(ic, "deterministic", False))
+
+
 def inductor_aot_options(codegen: str) -> dict[str, Any]:
     """Extra ``aot_autograd`` arguments for graphs that inductor will compile: its decompositions."""
     if codegen != "inductor":
@@ -440,15 +447,18 @@ def compile_plan(
     plan: Plan,
     analysis: GraphAnalysis | None,
     verify_plan: Callable[[Plan], None] | None = None,
+    deterministic: bool | None = None,
 ) -> tuple[Callable[[list[Any]], Any], InductorPlanOrder]:
     """Compile ``gm`` with inductor, its kernels emitted in ``plan``'s order.
 
     Raises when inductor fails, when its deterministic mode would skip the order pass, or when the
     pass was not called or failed: the caller then runs the plan on the aten executor.
+    ``deterministic``: inductor's deterministic flag as the user's thread sees it (inductor's
+    config is thread-local and the backward may compile on autograd's thread); None reads it here.
     """
-    from torch._inductor import config as ic
-
-    if getattr(ic, "deterministic", False):
+    if deterministic is None:
+        deterministic = inductor_deterministic()
+    if deterministic:
         raise RuntimeError(
             "torch._inductor.config.deterministic is on, and inductor then skips the reordering "
             "passes graphsched's order runs in"
@@ -461,3 +471,18 @@ def compile_plan(
         raise RuntimeError(f"the order pass failed: {order.report['error']}")
     plan.options = {**plan.options, "codegen": "inductor", "inductor": summary(order.report)}
     return _VerifyOnFirstCall(compiled, plan, verify_plan), order
+
+
+def describe_codegen(plan: Plan) -> str:
+    """One line for ``graphsched.explain``: what inductor made of a plan."""
+    info = plan.options.get("inductor") or {}
+    pulled = info.get("weight_grad_tasks_pulled_out", [])
+    text = (
+        f"inductor code, {info.get('kernels', '?')} kernels for {len(plan.tasks)} tasks "
+        f"({info.get('kernels_spanning_tasks', 0)} kernels fuse ops of several tasks); "
+        f"{info.get('weight_grad_tasks_planned_in_windows', 0)} weight-gradient tasks planned in "
+        f"all-to-all windows, {len(pulled)} pulled out by fusion"
+    )
+    if pulled:
+        text += f" ({', '.join(pulled[:6])}{', ...' if len(pulled) > 6 else ''})"
+    return text

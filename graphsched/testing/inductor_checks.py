@@ -88,8 +88,6 @@ def inductor_parity_checks(rank: int, world_size: int, cache_dir: str, steps: in
     from graphsched.models import MoEGPT, get_preset, make_batch
     from graphsched.testing.scheduling import CommHeavyCosts
 
-    # Two ranks on two cores: a pool of compile workers only adds start-up time.
-    torch._inductor.config.compile_threads = 1
     config = get_preset("tiny").replace(n_layers=1, top_k=2, capacity_factor=0.75)
     torch.manual_seed(0)
     oracle = MoEGPT(config, process_group=dist.group.WORLD)
@@ -153,4 +151,37 @@ def inductor_parity_checks(rank: int, world_size: int, cache_dir: str, steps: in
         out["windows_graphsched"] = dw_kernels_in_code_windows(bw_code_m[-1], report, backward.plan)
         out["windows_oracle"] = dw_kernels_in_code_windows(bw_code_o[-1], report, backward.plan)
         out["explain"] = graphsched.explain(model, file=None)
+    # In the same processes (one spawn, one import of torch): the fallback when inductor can't reorder.
+    out["fallback"] = fallback_checks(rank, world_size)
     return out
+
+
+def fallback_checks(rank: int, world_size: int) -> dict[str, Any]:
+    """codegen="inductor" where inductor cannot run the order pass (its deterministic mode): one
+    GraphschedFallbackWarning, and the plans run on the aten executor with eager's losses."""
+    import warnings
+
+    from graphsched.errors import GraphschedFallbackWarning
+    from graphsched.models import MoEGPT, get_preset, make_batch
+
+    config = get_preset("tiny").replace(n_layers=1)
+    torch.manual_seed(0)
+    eager = MoEGPT(config, process_group=dist.group.WORLD)
+    torch.manual_seed(0)
+    model = graphsched.wrap(MoEGPT(config, process_group=dist.group.WORLD), codegen="inductor")
+    idx, tgt = make_batch(config, 2, seed=rank)
+    # Set, not patched: patches are thread-local and the backward may compile on autograd's thread.
+    torch._inductor.config.deterministic = True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = model(idx, tgt)
+        loss.backward()
+    torch._inductor.config.deterministic = False
+    graphs = graphsched.api.state_of(model).capture.graphs
+    return {
+        "warnings": [str(w.message) for w in caught if issubclass(w.category, GraphschedFallbackWarning)],
+        "codegen": {g.name: g.codegen for g in graphs},
+        "executors": {g.name: g.executor is not None for g in graphs},
+        "reasons": {g.name: g.fallback_reason for g in graphs},
+        "loss_close": abs(loss.item() - eager(idx, tgt).item()) < 1e-5,
+    }
