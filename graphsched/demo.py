@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world-size", type=int, default=2, help="processes (expert-parallel ranks)")
     parser.add_argument("--schedule", default="identity", help="graphsched schedule")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--codegen", default="aten", choices=("aten", "inductor", "auto"),
+                        help="what runs the plans: the aten executor (oracle: eager) or inductor's "
+                        "code (oracle: torch.compile with the same inductor settings)")
     parser.add_argument("--out", default="graphsched_out",
                         help="folder for plan.json, trace.json, timeline.png and timeline.json")
     parser.add_argument("--tolerance", type=float, default=0.0,
@@ -89,14 +92,15 @@ def run(args: argparse.Namespace) -> int:
         model_overrides={"top_k": args.top_k, "capacity_factor": args.capacity_factor},
         steps=args.steps,
         batch_size=args.batch_size,
-        wrap_options={"schedule": args.schedule},
+        wrap_options={"schedule": args.schedule, "codegen": args.codegen},
         device=args.device,
         record_last_step=True,
     )
     print(
         f"graphsched demo: {args.world_size} processes ({'nccl' if args.device == 'cuda' else 'gloo'}), "
         f"preset {args.preset!r}, top-{args.top_k}, capacity factor {args.capacity_factor}, "
-        f"{args.steps} steps, schedule {args.schedule!r}"
+        f"{args.steps} steps, schedule {args.schedule!r}, codegen {args.codegen!r} (oracle: "
+        f"{'eager' if args.codegen == 'aten' else 'torch.compile, same inductor settings, on inductor'})"
     )
     start = time.perf_counter()
     results = run_distributed(
