@@ -168,7 +168,7 @@ def run_parity(
         eager.eval()
         wrapped.eval()
         with torch.no_grad():
-            result.inference_max_diff = (eager(idx).float() - wrapped(idx).float()).abs().max().item()
+            result.inference_max_diff = (oracle(idx).float() - wrapped(idx).float()).abs().max().item()
         eager.train()
         wrapped.train()
 
