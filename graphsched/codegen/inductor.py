@@ -319,7 +319,26 @@ class InductorPlanOrder:
         order = order_by_wanted_position(wanted, deps)
         result = [snodes[i] for i in order]
         self.report = self._describe(snodes, order, tasks_of, unresolved)
+        self.report["predicted_time"] = self._predict(snodes, order, deps)
         return result
+
+    def _predict(self, snodes: list[Any], order: list[int], deps: list[set[int]]) -> float:
+        """The emitted kernel order simulated on two in-order resources (compute, comm) with each
+        kernel's first cost (sum of its aten nodes' plan costs): the plan's prediction, at the
+        level of what runs."""
+        costs = self.plan.costs or {}
+        issues = {c.issue for c in self.analysis.collectives} if self.analysis is not None else set()
+        free = {"compute": 0.0, "comm": 0.0}
+        end: dict[int, float] = {}
+        for i in order:
+            names = origin_names(snodes[i])
+            comm = _is_collective_kernel(snodes[i]) and bool(names & issues)
+            resource = "comm" if comm else "compute"
+            cost = sum(costs.get(o, 0.0) for o in names if (o in issues) == comm)
+            start = max([free[resource], *(end[j] for j in deps[i] if j in end)])
+            end[i] = start + cost
+            free[resource] = end[i]
+        return max(end.values(), default=0.0)
 
     def _describe(
         self, snodes: list[Any], order: list[int], tasks_of: list[list[int]], unresolved: list[str]
@@ -391,6 +410,18 @@ class InductorPlanOrder:
         }
 
 
+def _is_collective_kernel(snode: Any) -> bool:
+    ir = getattr(snode, "node", None)
+    try:
+        from torch._inductor.utils import is_collective
+
+        if ir is not None and is_collective(ir):
+            return True
+    except Exception:  # noqa: BLE001 - older or newer inductor
+        pass
+    return "Collective" in type(ir).__name__
+
+
 def _snode_name(snode: Any, i: int) -> str:
     try:
         return str(snode.get_name())
@@ -415,7 +446,7 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
     keys = (
         "kernels", "order_changed", "unmapped_kernels", "kernels_spanning_tasks",
         "weight_grad_tasks_planned_in_windows", "weight_grad_tasks_pulled_out",
-        "unresolved_dependencies", "task_kernels", "error",
+        "unresolved_dependencies", "task_kernels", "predicted_time", "error",
     )
     out = {k: report[k] for k in keys if k in report}
     if "weight_grad_tasks_pulled_out" in out:
@@ -485,4 +516,7 @@ def describe_codegen(plan: Plan) -> str:
     )
     if pulled:
         text += f" ({', '.join(pulled[:6])}{', ...' if len(pulled) > 6 else ''})"
+    if info.get("predicted_time") is not None and plan.predicted_time is not None:
+        text += (f"; predicted {info['predicted_time'] * 1e3:.3f} ms as kernels "
+                 f"(plan: {plan.predicted_time * 1e3:.3f} ms)")
     return text

@@ -140,6 +140,7 @@ def inductor_parity_checks(rank: int, world_size: int, cache_dir: str, steps: in
     backward = next(g for g in graphs if g.kind == GraphKind.BACKWARD)
     report = backward.inductor_report or {}
     out["backward_options"] = backward.plan.options if backward.plan else {}
+    out["backward_predicted"] = backward.plan.predicted_time if backward.plan else None
     out["backward_report"] = {k: v for k, v in report.items() if k != "kernel_costs"}
     out["kernel_costs"] = report.get("kernel_costs", {})
     # The backward wrapper is the one with the most all-to-alls after the forward's.
