@@ -194,6 +194,16 @@ def test_a_kernel_fusing_a_deferred_weight_gradient_with_later_work_is_reported_
     assert detail["kernels"]["s2_s5"]["fused_with_tasks"] == ["v.dW"]
 
 
+def test_a_kernel_fusing_a_deferred_weight_gradient_with_independent_later_work_runs_in_the_window():
+    s0, s1 = _SNode("s0", ["n0"]), _SNode("s1", ["n1"], ["s0"])
+    s3, s4 = _SNode("s3", ["n3"], ["s1"]), _SNode("s4", ["n4"], ["s3"])
+    fused = _SNode("s2_s5", ["n2", "n5"], ["s0"])  # the late dW needs nothing after the window
+    order = InductorPlanOrder(_plan(), _ANALYSIS)
+    out = order([s0, s1, s3, s4, fused])
+    assert [s.name for s in out] == ["s0", "s1", "s2_s5", "s3", "s4"]
+    assert order.report["weight_grad_tasks_pulled_out"] == []
+
+
 def test_a_consumer_pulls_its_producers_forward_and_the_order_stays_topological():
     # wanted positions: node 2 wants to run first but needs node 1, which wants to run last.
     wanted = [0.0, 9.0, 1.0, 5.0]

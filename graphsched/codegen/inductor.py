@@ -9,8 +9,9 @@ them in the order the wrapper code is generated in. :class:`InductorPlanOrder` i
 1. every scheduler node is mapped to the plan's tasks through its FX origins (the aten nodes of
    the graph handed to inductor, whose names are the plan's node names);
 2. a node's wanted position is the latest plan task it holds (a kernel fusing a deferred
-   weight-gradient op with an earlier op runs where the deferred op was planned), lowered to the
-   wanted position of its earliest consumer (a kernel must run before what needs it);
+   weight-gradient op with an earlier op runs where the deferred op was planned), or the window of
+   a deferred weight-gradient task it holds when nothing it depends on is planned later; then it
+   is lowered to the wanted position of its earliest consumer (a kernel runs before what needs it);
 3. a list schedule over the data dependencies (``unmet_dependencies``, resolved to the producing
    node) emits the ready node with the smallest wanted position: always a valid topological order
    (inductor checks none), and the plan's order wherever fusion allows it;
@@ -316,11 +317,47 @@ class InductorPlanOrder:
         tasks_of = [sorted({task_of[o] for o in names if o in task_of}) for names in origins]
         wanted = [float(ts[-1]) if ts else math.inf for ts in tasks_of]
         deps, unresolved = dependency_edges(snodes)
+        self._prefer_windows(wanted, tasks_of, deps)
         order = order_by_wanted_position(wanted, deps)
         result = [snodes[i] for i in order]
         self.report = self._describe(snodes, order, tasks_of, unresolved)
         self.report["predicted_time"] = self._predict(snodes, order, deps)
         return result
+
+    def _windows(self) -> list[tuple[int, int]]:
+        """(issue task, wait task) positions of every collective of the plan that has a wait."""
+        task_of = {name: i for i, t in enumerate(self.plan.tasks) for name in t.nodes}
+        if self.analysis is None:
+            return []
+        return [
+            (task_of[c.issue], task_of[c.wait])
+            for c in self.analysis.collectives
+            if c.wait is not None and c.issue in task_of and c.wait in task_of
+        ]
+
+    def _prefer_windows(self, wanted: list[float], tasks_of: list[list[int]], deps: list[set[int]]) -> None:
+        """A kernel that fused a weight-gradient task planned inside a window with later tasks
+        runs in that window when nothing it depends on is planned after it: its later work then
+        runs early (harmless: its inputs are ready), instead of the dW work running late. Kernels
+        that need the window's wait (or later work) keep the latest position."""
+        in_window = {
+            t for lo, hi in self._windows() for t in range(lo + 1, hi)
+            if self.plan.tasks[t].phase == _WEIGHT_GRAD
+        }
+        if not in_window:
+            return
+        # Latest planned position among each kernel's ancestors (kernels are in topological order).
+        latest_before = [-math.inf] * len(wanted)
+        for i, ds in enumerate(deps):
+            for j in ds:
+                own = wanted[j] if math.isfinite(wanted[j]) else -math.inf
+                latest_before[i] = max(latest_before[i], latest_before[j], own)
+        for i, ts in enumerate(tasks_of):
+            if len(ts) < 2:
+                continue
+            fits = [t for t in ts if t in in_window and t > latest_before[i]]
+            if fits and max(fits) < wanted[i]:
+                wanted[i] = float(max(fits))
 
     def _predict(self, snodes: list[Any], order: list[int], deps: list[set[int]]) -> float:
         """The emitted kernel order simulated on two in-order resources (compute, comm) with each
@@ -350,13 +387,7 @@ class InductorPlanOrder:
         for i, ts in enumerate(tasks_of):
             for t in ts:
                 kernels_of_task.setdefault(t, []).append(i)
-        # The plan's windows: (issue task, wait task) of every collective with a wait.
-        windows: list[tuple[int, int]] = []
-        task_of = {name: i for i, t in enumerate(tasks) for name in t.nodes}
-        if self.analysis is not None:
-            for c in self.analysis.collectives:
-                if c.wait is not None and c.issue in task_of and c.wait in task_of:
-                    windows.append((task_of[c.issue], task_of[c.wait]))
+        windows = self._windows()
         planned_in: list[str] = []
         pulled_out: list[str] = []
         pulled_detail: list[dict[str, Any]] = []
