@@ -41,7 +41,12 @@ def _build(config: Any, group: Any, device: torch.device) -> torch.nn.Module:
     return MoEGPT(config, process_group=group).to(device)
 
 
-def _variant(name: str, config: Any, group: Any, device: torch.device, cache_dir: str) -> tuple[torch.nn.Module, Callable[..., Any]]:
+Run = tuple[list[float], list[dict[str, torch.Tensor]]]
+
+
+def _variant(
+    name: str, config: Any, group: Any, device: torch.device, cache_dir: str
+) -> tuple[torch.nn.Module, Callable[..., Any]]:
     """(the module holding the parameters, what a step calls)."""
     model = _build(config, group, device)
     if name == "torch.compile":
@@ -90,8 +95,7 @@ def _steps(model: torch.nn.Module, call: Callable[..., Any], config: Any, batch:
     return losses, grads, list(code)
 
 
-def _compare(ref: tuple[list[float], list[dict[str, torch.Tensor]]], got: tuple[list[float], list[dict[str, torch.Tensor]]],
-             bf16: bool) -> dict[str, Any]:
+def _compare(ref: Run, got: Run, bf16: bool) -> dict[str, Any]:
     loss_tol, grad_tol = (1e-2, 0.05) if bf16 else (1e-4, 1e-4)
     (lr, gr), (lg, gg) = ref, got
     loss_diff = max(abs(a - b) / (1.0 if bf16 else max(abs(a), 1e-12)) for a, b in zip(lr, lg))
@@ -166,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
 
     report: dict[str, Any] = {
         "command": " ".join([sys.executable, "-m", "graphsched.testing.inductor_check", *(argv or sys.argv[1:])]),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__, "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "cuda": torch.version.cuda,
         "preset": args.preset, "layers": args.layers, "batch": args.batch, "dtype": str(getattr(config, "dtype", "")),
         "inductor_deterministic": bool(getattr(ic, "deterministic", False)),
         "note": "one-rank NCCL group: the all-to-alls run through NCCL but move no data between GPUs; "
@@ -208,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             ok = False
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         report["variants"][name] = entry
-        print(name, json.dumps({k: v for k, v in entry.items() if k != "backward_options"}, default=str)[:2000], flush=True)
+        brief = {k: v for k, v in entry.items() if k != "backward_options"}
+        print(name, json.dumps(brief, default=str)[:2000], flush=True)
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1, default=str)
     report["ok"] = ok
