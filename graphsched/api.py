@@ -20,6 +20,7 @@ import torch.nn as nn
 from graphsched.analysis.graph import CostFn, GraphAnalysis
 from graphsched.analysis.report import render_report
 from graphsched.capture import CaptureLog, GraphschedBackend, Planner
+from graphsched.codegen.inductor import describe_codegen
 from graphsched.config import GraphschedConfig
 from graphsched.errors import ConfigError, GraphschedError, GraphschedFallbackWarning, graphsched_cause
 from graphsched.plan import ModelPlan, Plan
@@ -262,6 +263,7 @@ def explain(model: nn.Module, file: IO[str] | None = sys.stdout) -> str:
                   if g.plan is not None and describe_solve(g.plan.options))
         + "".join(_chunk_choice_line(g.name, g.plan.options["chunk_choice"]) for g in graphs
                   if g.plan is not None and "chunk_choice" in g.plan.options)
+        + "".join(f"\n  {g.name}: {describe_codegen(g.plan)}" for g in graphs if g.codegen == "inductor" and g.plan)
     )
     text = render_report([g.analysis for g in graphs if g.analysis is not None], header)
     if file is not None:

@@ -25,6 +25,13 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from graphsched.analysis.graph import CostFn, GraphAnalysis, analyse_graph
 from graphsched.analysis.labels import GraphKind
+from graphsched.codegen.inductor import (
+    compile_graph,
+    compile_plan,
+    inductor_aot_options,
+    inductor_deterministic,
+    resolve_codegen,
+)
 from graphsched.config import GraphschedConfig
 from graphsched.errors import ConfigError, GraphschedFallbackWarning, PlanMismatchError
 from graphsched.plan import Plan
@@ -54,8 +61,12 @@ class CapturedGraph:
     fallback_reason: str | None = None
     #: Backward graphs: the output positions that are parameter gradients.
     param_grad_positions: list[int] | None = None
-    #: The executor running the plan (None when the graph runs unscheduled).
+    #: The executor running the plan (None when the graph runs unscheduled or on inductor).
     executor: GraphExecutor | None = None
+    #: What runs the graph: "aten" (the executor or the captured graph) or "inductor".
+    codegen: str = "aten"
+    #: codegen="inductor": what the order pass did (kernel order, task -> kernels, windows).
+    inductor_report: dict[str, Any] | None = None
 
 
 @dataclass
@@ -114,6 +125,8 @@ class GraphschedBackend:
         self.log = log_
         self.graph_transform = graph_transform
         self._warned = False
+        self._warned_inductor = False
+        self._inductor_deterministic = False
 
     @keeps_alive
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
@@ -128,6 +141,9 @@ class GraphschedBackend:
             isinstance(x, torch.nn.Parameter) for x in example_inputs
         ]
         device = _device_of(example_inputs)
+        # Read in the user's thread: inductor's config is thread-local, and AOTAutograd may compile
+        # the backward on autograd's thread.
+        self._inductor_deterministic = inductor_deterministic()
         if self.graph_transform is None:
             return self._aot(gm, example_inputs, f"g{gid}", param_mask, device, None)
         from graphsched.partition.waits import inline_wait_functions
@@ -170,6 +186,8 @@ class GraphschedBackend:
             bw_compiler=partial(compile_, GraphKind.BACKWARD),
             inference_compiler=partial(compile_, GraphKind.INFERENCE),
             partition_fn=default_partition,
+            # Inductor lowers graphs traced with its decompositions (as torch.compile does).
+            **inductor_aot_options(resolve_codegen(self.config.codegen, device)),
         )
         return backend(gm, example_inputs)
 
@@ -210,15 +228,28 @@ class GraphschedBackend:
                 analysis = analyse_graph(gm, name, kind, self.cost_fn, positions)
         except Exception as exc:  # noqa: BLE001 - any analysis failure falls back, never crashes
             return self._fallback(name, kind, gm, None, f"analysis failed ({type(exc).__name__}: {exc})")
+        codegen = resolve_codegen(self.config.codegen, device)
         if not analysis.collectives:
-            # Nothing to overlap: run the graph as captured, no interpretation overhead.
-            self.log.graphs.append(CapturedGraph(name, kind, gm, analysis, None, "no collectives", positions))
+            # Nothing to overlap: run the graph as captured (or inductor's code), no interpretation.
+            graph = CapturedGraph(name, kind, gm, analysis, None, "no collectives", positions)
+            self.log.graphs.append(graph)
+            if codegen == "inductor":
+                try:
+                    compiled = compile_graph(gm, example_inputs, kind)
+                    graph.codegen = "inductor"
+                    return compiled
+                except Exception as exc:  # noqa: BLE001
+                    self._warn_inductor(name, exc)
             return _boxed(gm)
         try:
             with unset_fake_temporarily():
                 plan = self.planner(analysis, gm)
             if decisions:
                 plan.options = {**plan.options, "chunks": decisions}
+            if codegen == "inductor":
+                compiled = self._compile_inductor(name, kind, gm, example_inputs, analysis, plan, positions)
+                if compiled is not None:
+                    return compiled
             executor = GraphExecutor(
                 gm,
                 plan,
@@ -236,6 +267,39 @@ class GraphschedBackend:
         log.info("%s: %d nodes, %d collectives, %d tasks (%s)", name, len(analysis.order),
                  len(analysis.collectives), len(plan.tasks), plan.options.get("schedule"))
         return executor
+
+    def _compile_inductor(
+        self, name: str, kind: GraphKind, gm: fx.GraphModule, example_inputs: Sequence[Any],
+        analysis: GraphAnalysis, plan: Plan, positions: list[int] | None,
+    ) -> Callable[[list[Any]], Any] | None:
+        """The plan as inductor's code; None (after one warning) when inductor cannot do it."""
+        try:
+            compiled, order = compile_plan(
+                gm, example_inputs, kind, plan, analysis, verify_same_plan, self._inductor_deterministic
+            )
+        except Exception as exc:  # noqa: BLE001 - the aten executor runs the same plan
+            self._warn_inductor(name, exc)
+            return None
+        self.log.graphs.append(
+            CapturedGraph(name, kind, gm, analysis, plan, None, positions, None, "inductor", order.report)
+        )
+        info = plan.options["inductor"]
+        log.info("%s: inductor, %d kernels, %d dW tasks planned in windows, %d pulled out by fusion",
+                 name, info["kernels"], info["weight_grad_tasks_planned_in_windows"],
+                 info["weight_grad_tasks_pulled_out_count"])
+        return compiled
+
+    def _warn_inductor(self, name: str, exc: BaseException) -> None:
+        log.info("%s: inductor failed: %s: %s", name, type(exc).__name__, exc)
+        if not self._warned_inductor:
+            self._warned_inductor = True
+            warnings.warn(
+                f"graphsched: codegen='inductor' failed for graph {name} ({type(exc).__name__}: "
+                f"{exc}); its plan runs on the aten executor instead (eager-speed kernels, same "
+                "order). Pass codegen='aten' to silence this, or report the model.",
+                GraphschedFallbackWarning,
+                stacklevel=3,
+            )
 
     def _fallback(
         self, name: str, kind: GraphKind, gm: fx.GraphModule, analysis: GraphAnalysis | None, reason: str

@@ -17,6 +17,10 @@ SCHEDULES = ("identity", "reverse_independent", "ilp")
 #: ``measured`` (each node timed on the device, cached on disk; collectives from a microbenchmark
 #: of the process group) or ``auto`` (measured on CUDA, analytic elsewhere).
 COST_MODELS = ("auto", "analytic", "measured")
+#: What runs a plan: ``aten`` (graphsched's executor, op by op, eager numerics), ``inductor``
+#: (inductor-generated fused kernels emitted in the plan's order) or ``auto`` (inductor on CUDA
+#: with triton, aten elsewhere).
+CODEGENS = ("auto", "aten", "inductor")
 
 
 @dataclass
@@ -52,9 +56,13 @@ class GraphschedConfig:
     #: Seconds a rank waits for the others to agree (options, graphs, plans) after their last sign
     #: of life; a rank still working inside graphsched (profiling, solving) keeps the others waiting.
     agreement_timeout_s: float = 60.0
+    #: What runs the plans: one of CODEGENS (see docs/inductor.md).
+    codegen: str = "auto"
 
     def __post_init__(self) -> None:
         _check_types(self)
+        if self.codegen not in CODEGENS:
+            raise ConfigError(f"codegen={self.codegen!r} is not known; use one of {', '.join(CODEGENS)}.")
         if self.schedule not in SCHEDULES:
             raise ConfigError(
                 f"schedule={self.schedule!r} is not known; use one of {', '.join(SCHEDULES)}."
@@ -123,6 +131,7 @@ _TYPES: dict[str, tuple[Any, str]] = {
     "agreement_timeout_s": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
                             "a number of seconds > 0"),
     "measure_chunks": (lambda v: isinstance(v, bool), "True or False"),
+    "codegen": (lambda v: isinstance(v, str), f"one of the strings {', '.join(CODEGENS)}"),
 }
 
 

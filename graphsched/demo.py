@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="graphsched schedule (default identity; ilp solves for overlap)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="cpu: gloo processes; cuda: NCCL, one GPU per process (default cpu)")
+    parser.add_argument("--codegen", default="aten", choices=("aten", "inductor", "auto"),
+                        help="what runs the plans: the aten executor (oracle: eager) or inductor's "
+                        "code (oracle: torch.compile with the same inductor settings; default aten)")
     parser.add_argument("--out", default="graphsched_out",
                         help="folder for plan.json, trace.json, timeline.png and timeline.json "
                              "(default graphsched_out)")
@@ -124,14 +127,15 @@ def run(args: argparse.Namespace) -> int:
         model_overrides={"top_k": args.top_k, "capacity_factor": args.capacity_factor},
         steps=args.steps,
         batch_size=args.batch_size,
-        wrap_options={"schedule": args.schedule},
+        wrap_options={"schedule": args.schedule, "codegen": args.codegen},
         device=args.device,
         record_last_step=True,
     )
     print(
         f"graphsched demo: {args.world_size} processes ({'nccl' if args.device == 'cuda' else 'gloo'}), "
         f"preset {args.preset!r}, top-{args.top_k}, capacity factor {args.capacity_factor}, "
-        f"{args.steps} steps, schedule {args.schedule!r}"
+        f"{args.steps} steps, schedule {args.schedule!r}, codegen {args.codegen!r} (oracle: "
+        f"{'eager' if args.codegen == 'aten' else 'torch.compile, same inductor settings, on inductor'})"
     )
     start = time.perf_counter()
     results = run_distributed(

@@ -107,6 +107,7 @@ BAD_TYPES = {
     "memory_limit_bytes": 1.5,
     "agreement_timeout_s": 0,
     "measure_chunks": "yes",
+    "codegen": 1,
 }
 
 

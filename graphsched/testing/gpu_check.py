@@ -21,7 +21,6 @@ within 5%. The report records the chunk count every region got (chunked modes mu
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -48,22 +47,18 @@ def _model_families() -> dict[str, Callable[..., torch.nn.Module]]:
     return {"reference": MoEGPT, "swiglu": SwiGLUMoEGPT}
 
 
-def _has_option(name: str) -> bool:
-    return name in {f.name for f in dataclasses.fields(graphsched.GraphschedConfig)}
-
-
 def modes() -> dict[str, dict[str, Any]]:
     """Mode name -> wrap options."""
     out: dict[str, dict[str, Any]] = {
-        "identity": {"schedule": "identity"},
-        "ilp": {"schedule": "ilp"},
-        "chunks2": {"schedule": "ilp", "chunks": 2},
-        "chunks4": {"schedule": "ilp", "chunks": 4},
-        "chunks-auto": {"schedule": "ilp", "chunks": "auto"},
+        "identity": {"schedule": "identity", "codegen": "aten"},
+        "ilp": {"schedule": "ilp", "codegen": "aten"},
+        "chunks2": {"schedule": "ilp", "chunks": 2, "codegen": "aten"},
+        "chunks4": {"schedule": "ilp", "chunks": 4, "codegen": "aten"},
+        "chunks-auto": {"schedule": "ilp", "chunks": "auto", "codegen": "aten"},
     }
-    if _has_option("codegen"):
-        out["inductor"] = {"schedule": "ilp", "codegen": "inductor"}
-        out["inductor-chunks2"] = {"schedule": "ilp", "codegen": "inductor", "chunks": 2}
+    out["inductor"] = {"schedule": "ilp", "codegen": "inductor"}
+    out["inductor-chunks2"] = {"schedule": "ilp", "codegen": "inductor", "chunks": 2}
+    out["inductor-chunks-auto"] = {"schedule": "ilp", "codegen": "inductor", "chunks": "auto"}
     return out
 
 

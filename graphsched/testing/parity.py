@@ -110,6 +110,7 @@ def run_parity(
     """Per-rank body (for graphsched.testing.run_distributed)."""
     import graphsched
     from graphsched.analysis.labels import GraphKind, NodeKind, Phase
+    from graphsched.codegen.inductor import inductor_oracle_backend, resolve_codegen
     from graphsched.testing.checks import phase_label_violations
     from graphsched.models import get_preset, make_batch
 
@@ -118,7 +119,13 @@ def run_parity(
     group = dist.group.WORLD if dist.is_initialized() else None
     eager = _build(config, spec.seed, group, device)
     wrapped = _build(config, spec.seed, group, device)
-    graphsched.wrap(wrapped, cost_fn=cost_fn, **spec.wrap_options)
+    # Each mode against its own oracle: eager for the aten executor, torch.compile with inductor
+    # (graphsched's partitioner and inductor settings, inductor's order) for codegen="inductor".
+    options = {"codegen": "aten", **spec.wrap_options}
+    oracle: Any = eager
+    if resolve_codegen(options["codegen"], device) == "inductor":
+        oracle = torch.compile(eager, backend=inductor_oracle_backend(), dynamic=False)
+    graphsched.wrap(wrapped, cost_fn=cost_fn, **options)
     opt_e = torch.optim.AdamW(eager.parameters(), lr=spec.lr)
     opt_w = torch.optim.AdamW(wrapped.parameters(), lr=spec.lr)
 
@@ -128,7 +135,7 @@ def run_parity(
         idx, targets = make_batch(config, spec.batch_size, seed=spec.seed + 1000 * step + rank, device=device)
         opt_e.zero_grad(set_to_none=True)
         opt_w.zero_grad(set_to_none=True)
-        loss_e = eager(idx, targets)
+        loss_e = oracle(idx, targets)
         loss_e.backward()
         if spec.record_last_step and step == spec.steps - 1:
             with graphsched.record(wrapped, rank=rank) as recorder:
@@ -161,7 +168,7 @@ def run_parity(
         eager.eval()
         wrapped.eval()
         with torch.no_grad():
-            result.inference_max_diff = (eager(idx).float() - wrapped(idx).float()).abs().max().item()
+            result.inference_max_diff = (oracle(idx).float() - wrapped(idx).float()).abs().max().item()
         eager.train()
         wrapped.train()
 

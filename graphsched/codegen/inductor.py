@@ -1,0 +1,553 @@
+"""Run a graphsched plan as inductor-generated code.
+
+Inductor compiles the captured aten graph as it would for ``torch.compile`` (lowering, fusion,
+memory planning); graphsched only decides the order in which the fused kernels are emitted. The
+hook is ``torch._inductor.config.reorder_for_compute_comm_overlap_passes``: a callable there gets
+the scheduler nodes (fused kernels, extern calls, collectives and waits) after fusion and returns
+them in the order the wrapper code is generated in. :class:`InductorPlanOrder` is that callable:
+
+1. every scheduler node is mapped to the plan's tasks through its FX origins (the aten nodes of
+   the graph handed to inductor, whose names are the plan's node names);
+2. a node's wanted position is the latest plan task it holds (a kernel fusing a deferred
+   weight-gradient op with an earlier op runs where the deferred op was planned), or the window of
+   a deferred weight-gradient task it holds when nothing it depends on is planned later; then it
+   is lowered to the wanted position of its earliest consumer (a kernel runs before what needs it);
+3. a list schedule over the data dependencies (``unmet_dependencies``, resolved to the producing
+   node) emits the ready node with the smallest wanted position: always a valid topological order
+   (inductor checks none), and the plan's order wherever fusion allows it;
+4. the report says which weight-gradient tasks fusion pulled out of the all-to-all window the plan
+   put them in, maps every task to its kernels and gives each kernel a first cost.
+
+See ``docs/inductor.md`` for why this route (and not FX-level control dependencies or compiling
+segments) and for the compile-cache choice.
+"""
+
+from __future__ import annotations
+
+import copy
+import heapq
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from graphsched.analysis.graph import GraphAnalysis
+from graphsched.analysis.labels import GraphKind
+from graphsched.config import CODEGENS
+from graphsched.plan import Plan
+
+log = logging.getLogger("graphsched.codegen")
+
+#: Weight-gradient phase name in plans.
+_WEIGHT_GRAD = "weight_grad"
+
+
+def inductor_available(device: torch.device) -> bool:
+    """True where ``codegen="auto"`` picks inductor: a CUDA device with triton installed."""
+    if device.type != "cuda":
+        return False
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # pragma: no cover - very old torch
+        return False
+    return bool(has_triton())
+
+
+def resolve_codegen(codegen: str, device: torch.device) -> str:
+    """``"aten"`` or ``"inductor"`` for the option value ``codegen`` on ``device``."""
+    if codegen not in CODEGENS:
+        raise ValueError(f"codegen={codegen!r} is not one of {CODEGENS}")
+    if codegen == "auto":
+        return "inductor" if inductor_available(device) else "aten"
+    return codegen
+
+
+def inductor_deterministic() -> bool:
+    """Inductor's ``config.deterministic``: when on, inductor skips every reordering pass."""
+    from torch._inductor import config as ic
+
+    return bool(getattr(ic, "deterministic", False))
+
+
+def inductor_aot_options(codegen: str) -> dict[str, Any]:
+    """Extra ``aot_autograd`` arguments for graphs that inductor will compile: its decompositions."""
+    if codegen != "inductor":
+        return {}
+    from torch._inductor.decomposition import select_decomp_table
+
+    return {"decompositions": select_decomp_table()}
+
+
+def inductor_settings(order_pass: Callable[[list[Any]], list[Any]] | None) -> dict[str, Any]:
+    """The inductor config graphsched compiles under; ``order_pass=None`` keeps inductor's order.
+
+    The same settings, with and without the pass, are the oracle: the two compiles differ only in
+    the order of whole kernels. ``reorder_for_compute_comm_overlap`` must be on for the pass list
+    to run (it also changes two lowerings, so the oracle sets it too); the list holds graphsched's
+    pass alone, so inductor's own ``sink_waits`` / ``raise_comms`` never run. The FX-graph cache is
+    off: the pass is a per-graph object the cache cannot key on (see docs/inductor.md).
+    """
+    from torch._inductor import config as ic
+
+    settings: dict[str, Any] = {
+        "reorder_for_compute_comm_overlap": True,
+        "reorder_for_compute_comm_overlap_passes": [order_pass] if order_pass is not None else [],
+        "fx_graph_cache": False,
+        "fx_graph_remote_cache": False,
+    }
+    settings = {k: v for k, v in settings.items() if hasattr(ic, k)}
+    # Inductor's FX-level overlap schedulers would reorder the graph before ours sees it (and
+    # from torch 2.14 enable_simple_overlap runs after user passes): off where they exist.
+    dist_opts = getattr(ic, "aten_distributed_optimizations", None)
+    for name in ("enable_overlap_scheduling", "enable_simple_overlap"):
+        if dist_opts is not None and hasattr(dist_opts, name):
+            settings[f"aten_distributed_optimizations.{name}"] = False
+    return settings
+
+
+def compile_graph(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    kind: GraphKind,
+    order_pass: Callable[[list[Any]], list[Any]] | None = None,
+) -> Callable[[list[Any]], Any]:
+    """Compile one AOTAutograd graph with inductor (what ``torch.compile``'s compilers call).
+
+    Returns inductor's boxed callable. ``gm`` is left untouched: inductor's post-grad passes
+    rewrite the graph in place, so a copy (same node names) is what inductor gets.
+    """
+    from torch._inductor import config as ic
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    copied = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    with ic.patch(inductor_settings(order_pass)):
+        return compile_fx_inner(
+            copied,
+            list(example_inputs),
+            is_backward=kind == GraphKind.BACKWARD,
+            is_inference=kind == GraphKind.INFERENCE,
+        )
+
+
+def inductor_oracle_backend() -> Callable[..., Any]:
+    """A ``torch.compile`` backend: inductor in its own order, through graphsched's AOTAutograd.
+
+    The same partitioner as graphsched (``default_partition``: the backward runs the ops eager
+    autograd would, nothing recomputed) and the same inductor settings, but no order pass: what
+    graphsched-on-inductor must match bitwise where only the order of kernels differs.
+    ``torch.compile(backend="inductor")`` partitions with min-cut (recomputation), another graph.
+    """
+    from functools import partial
+
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import default_partition
+
+    def compiler(kind: GraphKind, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
+        return compile_graph(gm, example_inputs, kind, None)
+
+    return aot_autograd(
+        fw_compiler=partial(compiler, GraphKind.FORWARD),
+        bw_compiler=partial(compiler, GraphKind.BACKWARD),
+        inference_compiler=partial(compiler, GraphKind.INFERENCE),
+        partition_fn=default_partition,
+        **inductor_aot_options("inductor"),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The order pass.
+
+
+def _sub_nodes(snode: Any) -> list[Any]:
+    try:
+        return list(snode.get_nodes())
+    except Exception:  # noqa: BLE001 - inductor IR differs across versions
+        return [snode]
+
+
+def origin_names(snode: Any) -> set[str]:
+    """Names of the FX nodes a scheduler node (fused or not) was lowered from."""
+    names: set[str] = set()
+    for s in _sub_nodes(snode):
+        ir = getattr(s, "node", None)
+        if ir is None:
+            continue
+        getter = getattr(ir, "get_origins", None)
+        origins = getter() if callable(getter) else getattr(ir, "origins", ())
+        for o in origins or ():
+            name = getattr(o, "name", None)
+            if name is not None:
+                names.add(name)
+    return names
+
+
+def _buffer_names(snode: Any) -> list[str]:
+    try:
+        return sorted(snode.get_buffer_names())
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def _producers(snodes: Sequence[Any]) -> dict[str, int]:
+    """Buffer and operation name -> index of the scheduler node that makes it."""
+    prod: dict[str, int] = {}
+    for i, sn in enumerate(snodes):
+        for s in [sn, *_sub_nodes(sn)]:
+            for getter in ("get_buffer_names", "get_operation_names"):
+                try:
+                    names = getattr(s, getter)()
+                except Exception:  # noqa: BLE001
+                    continue
+                for n in names:
+                    prod[n] = i
+    return prod
+
+
+def dependency_edges(snodes: Sequence[Any]) -> tuple[list[set[int]], list[str]]:
+    """For each scheduler node the indices of the nodes it depends on, and unresolved names.
+
+    Dependencies are ``unmet_dependencies`` (buffers read, weak ordering deps of mutations),
+    resolved to the node that produces the buffer; names of graph inputs have no producer.
+    """
+    prod = _producers(snodes)
+    deps: list[set[int]] = [set() for _ in snodes]
+    unresolved: list[str] = []
+    for i, sn in enumerate(snodes):
+        for d in getattr(sn, "unmet_dependencies", ()):
+            name = getattr(d, "name", None)
+            if name is None:
+                continue
+            j = prod.get(name)
+            if j is None:
+                # A buffer of an op fused away or renamed: ask the scheduler who defines it.
+                sched = getattr(sn, "scheduler", None)
+                buf = getattr(sched, "name_to_buf", {}).get(name) if sched is not None else None
+                if buf is not None:
+                    try:
+                        j = prod.get(buf.defining_op_name())
+                    except Exception:  # noqa: BLE001
+                        j = None
+            if j is None:
+                if not _is_graph_input(name):
+                    unresolved.append(name)
+                continue
+            if j != i:
+                deps[i].add(j)
+    return deps, unresolved
+
+
+def _is_graph_input(name: str) -> bool:
+    try:
+        from torch._inductor.virtualized import V
+
+        graph = V.graph
+        return name in graph.graph_inputs or name in getattr(graph, "constants", {})
+    except Exception:  # noqa: BLE001 - no graph being lowered
+        return False
+
+
+def order_by_wanted_position(
+    wanted: Sequence[float], deps: Sequence[set[int]]
+) -> list[int]:
+    """A topological order of ``deps`` following ``wanted`` (a position per node; ties: index).
+
+    A node's effective position is the smallest of its own and its consumers' (it must run before
+    them); the list schedule emits the ready node with the smallest (effective, own, index).
+    Input indices must be a topological order already (inductor's is).
+    """
+    n = len(wanted)
+    users: list[list[int]] = [[] for _ in range(n)]
+    for i, ds in enumerate(deps):
+        for j in ds:
+            users[j].append(i)
+    effective = list(wanted)
+    for i in reversed(range(n)):
+        for u in users[i]:
+            if effective[u] < effective[i]:
+                effective[i] = effective[u]
+    pending = [len(ds) for ds in deps]
+    ready = [(effective[i], wanted[i], i) for i in range(n) if pending[i] == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        _, _, i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            pending[u] -= 1
+            if pending[u] == 0:
+                heapq.heappush(ready, (effective[u], wanted[u], u))
+    if len(order) != n:
+        raise RuntimeError(
+            f"graphsched: the scheduler nodes' dependencies have a cycle ({n - len(order)} nodes "
+            "never became ready); inductor's order is kept."
+        )
+    return order
+
+
+@dataclass
+class InductorPlanOrder:
+    """Inductor's ``reorder_for_compute_comm_overlap_passes`` entry emitting one plan's order.
+
+    Called once per compile (one graph); afterwards :attr:`report` describes what it did and
+    :attr:`called` is True. A plain object (not pickled by name) on purpose: see docs/inductor.md.
+    """
+
+    plan: Plan
+    analysis: GraphAnalysis | None = None
+    called: bool = False
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, snodes: list[Any]) -> list[Any]:
+        self.called = True
+        try:
+            ordered = self._order(list(snodes))
+        except Exception as exc:  # noqa: BLE001 - never leave inductor with a broken order
+            log.warning("%s: order pass failed (%s: %s); inductor's order kept",
+                        self.plan.graph_name, type(exc).__name__, exc)
+            self.report = {"error": f"{type(exc).__name__}: {exc}"}
+            return snodes
+        return ordered
+
+    def _order(self, snodes: list[Any]) -> list[Any]:
+        task_of = {name: i for i, t in enumerate(self.plan.tasks) for name in t.nodes}
+        origins = [origin_names(sn) for sn in snodes]
+        tasks_of = [sorted({task_of[o] for o in names if o in task_of}) for names in origins]
+        wanted = [float(ts[-1]) if ts else math.inf for ts in tasks_of]
+        deps, unresolved = dependency_edges(snodes)
+        self._prefer_windows(wanted, tasks_of, deps)
+        order = order_by_wanted_position(wanted, deps)
+        result = [snodes[i] for i in order]
+        self.report = self._describe(snodes, order, tasks_of, unresolved)
+        self.report["predicted_time"] = self._predict(snodes, order, deps)
+        return result
+
+    def _windows(self) -> list[tuple[int, int]]:
+        """(issue task, wait task) positions of every collective of the plan that has a wait."""
+        task_of = {name: i for i, t in enumerate(self.plan.tasks) for name in t.nodes}
+        if self.analysis is None:
+            return []
+        return [
+            (task_of[c.issue], task_of[c.wait])
+            for c in self.analysis.collectives
+            if c.wait is not None and c.issue in task_of and c.wait in task_of
+        ]
+
+    def _prefer_windows(self, wanted: list[float], tasks_of: list[list[int]], deps: list[set[int]]) -> None:
+        """A kernel that fused a weight-gradient task planned inside a window with later tasks
+        runs in that window when nothing it depends on is planned after it: its later work then
+        runs early (harmless: its inputs are ready), instead of the dW work running late. Kernels
+        that need the window's wait (or later work) keep the latest position."""
+        in_window = {
+            t for lo, hi in self._windows() for t in range(lo + 1, hi)
+            if self.plan.tasks[t].phase == _WEIGHT_GRAD
+        }
+        if not in_window:
+            return
+        # Latest planned position among each kernel's ancestors (kernels are in topological order).
+        latest_before = [-math.inf] * len(wanted)
+        for i, ds in enumerate(deps):
+            for j in ds:
+                own = wanted[j] if math.isfinite(wanted[j]) else -math.inf
+                latest_before[i] = max(latest_before[i], latest_before[j], own)
+        for i, ts in enumerate(tasks_of):
+            if len(ts) < 2:
+                continue
+            fits = [t for t in ts if t in in_window and t > latest_before[i]]
+            if fits and max(fits) < wanted[i]:
+                wanted[i] = float(max(fits))
+
+    def _predict(self, snodes: list[Any], order: list[int], deps: list[set[int]]) -> float:
+        """The emitted kernel order simulated on two in-order resources (compute, comm) with each
+        kernel's first cost (sum of its aten nodes' plan costs): the plan's prediction, at the
+        level of what runs."""
+        costs = self.plan.costs or {}
+        issues = {c.issue for c in self.analysis.collectives} if self.analysis is not None else set()
+        free = {"compute": 0.0, "comm": 0.0}
+        end: dict[int, float] = {}
+        for i in order:
+            names = origin_names(snodes[i])
+            comm = _is_collective_kernel(snodes[i]) and bool(names & issues)
+            resource = "comm" if comm else "compute"
+            cost = sum(costs.get(o, 0.0) for o in names if (o in issues) == comm)
+            start = max([free[resource], *(end[j] for j in deps[i] if j in end)])
+            end[i] = start + cost
+            free[resource] = end[i]
+        return max(end.values(), default=0.0)
+
+    def _describe(
+        self, snodes: list[Any], order: list[int], tasks_of: list[list[int]], unresolved: list[str]
+    ) -> dict[str, Any]:
+        tasks = self.plan.tasks
+        names = [_snode_name(sn, i) for i, sn in enumerate(snodes)]
+        position = {i: p for p, i in enumerate(order)}
+        kernels_of_task: dict[int, list[int]] = {}
+        for i, ts in enumerate(tasks_of):
+            for t in ts:
+                kernels_of_task.setdefault(t, []).append(i)
+        windows = self._windows()
+        planned_in: list[str] = []
+        pulled_out: list[str] = []
+        pulled_detail: list[dict[str, Any]] = []
+        for lo, hi in windows:
+            issue_k = [position[k] for k in kernels_of_task.get(lo, [])]
+            wait_k = [position[k] for k in kernels_of_task.get(hi, [])]
+            if not issue_k or not wait_k:
+                continue
+            start, end = max(issue_k), min(wait_k)
+            for t in range(lo + 1, hi):
+                if tasks[t].phase != _WEIGHT_GRAD or t not in kernels_of_task:
+                    continue
+                planned_in.append(tasks[t].name)
+                outside = [k for k in kernels_of_task[t] if not (start < position[k] < end)]
+                if outside:
+                    pulled_out.append(tasks[t].name)
+                    pulled_detail.append({
+                        "task": tasks[t].name,
+                        "window": [tasks[lo].name, tasks[hi].name],
+                        "window_kernel_positions": [start, end],
+                        "kernels": {
+                            names[k]: {"position": position[k],
+                                       "fused_with_tasks": [tasks[u].name for u in tasks_of[k] if u != t]}
+                            for k in outside
+                        },
+                    })
+        costs = self.plan.costs or {}
+        kernel_costs: dict[str, dict[str, float | None]] = {}
+        for i, sn in enumerate(snodes):
+            aten = sum(costs.get(o, 0.0) for o in origin_names(sn))
+            kernel_costs[names[i]] = {"aten_s": aten, "inductor_s": _estimate(sn)}
+        fused_tasks = sum(1 for ts in tasks_of if len(ts) > 1)
+        return {
+            "kernels": len(snodes),
+            "kernel_order": [names[i] for i in order],
+            "inductor_order": names,
+            "order_changed": order != list(range(len(snodes))),
+            "kernel_buffers": {names[i]: _buffer_names(sn) for i, sn in enumerate(snodes)},
+            "task_kernels": {
+                tasks[t].name: [names[k] for k in sorted(ks, key=position.__getitem__)]
+                for t, ks in sorted(kernels_of_task.items())
+            },
+            "kernel_costs": kernel_costs,
+            "unmapped_kernels": sum(1 for ts in tasks_of if not ts),
+            "kernels_spanning_tasks": fused_tasks,
+            "weight_grad_tasks_planned_in_windows": len(planned_in),
+            "weight_grad_tasks_pulled_out": pulled_out,
+            "pulled_out_detail": pulled_detail,
+            "kernel_tasks": {names[i]: [tasks[t].name for t in ts] for i, ts in enumerate(tasks_of)},
+            "unresolved_dependencies": sorted(set(unresolved)),
+        }
+
+
+def _is_collective_kernel(snode: Any) -> bool:
+    ir = getattr(snode, "node", None)
+    try:
+        from torch._inductor.utils import is_collective
+
+        if ir is not None and is_collective(ir):
+            return True
+    except Exception:  # noqa: BLE001 - older or newer inductor
+        pass
+    return "Collective" in type(ir).__name__
+
+
+def _snode_name(snode: Any, i: int) -> str:
+    try:
+        return str(snode.get_name())
+    except Exception:  # noqa: BLE001
+        return f"node{i}"
+
+
+def _estimate(snode: Any) -> float | None:
+    """Inductor's own runtime estimate of a kernel, seconds (None where it has none)."""
+    try:
+        value = snode.get_estimated_runtime()
+    except Exception:  # noqa: BLE001 - estimates are best effort
+        return None
+    if value is None or not math.isfinite(float(value)):
+        return None
+    # Inductor estimates in nanoseconds.
+    return float(value) * 1e-9
+
+
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The compact part of a pass report that goes into the plan's options."""
+    keys = (
+        "kernels", "order_changed", "unmapped_kernels", "kernels_spanning_tasks",
+        "weight_grad_tasks_planned_in_windows", "weight_grad_tasks_pulled_out",
+        "unresolved_dependencies", "task_kernels", "predicted_time", "error",
+    )
+    out = {k: report[k] for k in keys if k in report}
+    if "weight_grad_tasks_pulled_out" in out:
+        out["weight_grad_tasks_pulled_out_count"] = len(out["weight_grad_tasks_pulled_out"])
+    return out
+
+
+class _VerifyOnFirstCall:
+    """Inductor's compiled graph, with the cross-rank plan check before its first run."""
+
+    def __init__(self, compiled: Callable[[list[Any]], Any], plan: Plan, verify: Callable[[Plan], None] | None):
+        # Instance attribute: AOTAutograd copies __dict__ (functools.wraps), not class attributes.
+        self._boxed_call = True
+        self.compiled = compiled
+        self.plan = plan
+        self._verify = verify
+
+    def __call__(self, args: list[Any]) -> Any:
+        if self._verify is not None:
+            verify, self._verify = self._verify, None
+            verify(self.plan)
+        return self.compiled(args)
+
+
+def compile_plan(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    kind: GraphKind,
+    plan: Plan,
+    analysis: GraphAnalysis | None,
+    verify_plan: Callable[[Plan], None] | None = None,
+    deterministic: bool | None = None,
+) -> tuple[Callable[[list[Any]], Any], InductorPlanOrder]:
+    """Compile ``gm`` with inductor, its kernels emitted in ``plan``'s order.
+
+    Raises when inductor fails, when its deterministic mode would skip the order pass, or when the
+    pass was not called or failed: the caller then runs the plan on the aten executor.
+    ``deterministic``: inductor's deterministic flag as the user's thread sees it (inductor's
+    config is thread-local and the backward may compile on autograd's thread); None reads it here.
+    """
+    if deterministic is None:
+        deterministic = inductor_deterministic()
+    if deterministic:
+        raise RuntimeError(
+            "torch._inductor.config.deterministic is on, and inductor then skips the reordering "
+            "passes graphsched's order runs in"
+        )
+    order = InductorPlanOrder(plan, analysis)
+    compiled = compile_graph(gm, example_inputs, kind, order)
+    if not order.called:
+        raise RuntimeError("inductor never called graphsched's order pass (a cached or changed compile path)")
+    if "error" in order.report:
+        raise RuntimeError(f"the order pass failed: {order.report['error']}")
+    plan.options = {**plan.options, "codegen": "inductor", "inductor": summary(order.report)}
+    return _VerifyOnFirstCall(compiled, plan, verify_plan), order
+
+
+def describe_codegen(plan: Plan) -> str:
+    """One line for ``graphsched.explain``: what inductor made of a plan."""
+    info = plan.options.get("inductor") or {}
+    pulled = info.get("weight_grad_tasks_pulled_out", [])
+    text = (
+        f"inductor code, {info.get('kernels', '?')} kernels for {len(plan.tasks)} tasks "
+        f"({info.get('kernels_spanning_tasks', 0)} kernels fuse ops of several tasks); "
+        f"{info.get('weight_grad_tasks_planned_in_windows', 0)} weight-gradient tasks planned in "
+        f"all-to-all windows, {len(pulled)} pulled out by fusion"
+    )
+    if pulled:
+        text += f" ({', '.join(pulled[:6])}{', ...' if len(pulled) > 6 else ''})"
+    if info.get("predicted_time") is not None and plan.predicted_time is not None:
+        text += (f"; predicted {info['predicted_time'] * 1e3:.3f} ms as kernels "
+                 f"(plan: {plan.predicted_time * 1e3:.3f} ms)")
+    return text
