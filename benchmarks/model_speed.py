@@ -1,0 +1,216 @@
+"""Compute alone: the reference MoE GPT against the same GPT with DeepSpeed's MoE layers.
+
+    python -m benchmarks.model_speed --preset gpu-smoke            # H200: about 1-2 minutes
+    python -m benchmarks.model_speed --preset cpu-profile --profile  # CPU: where the time goes
+
+Both models are built at the preset's sizes on the compute-only twin of an emulated
+expert-parallel group (infinite bandwidth: the all-to-alls move data but cost no wire time), so a
+step is compute alone, forward + backward, exactly as the harness's ``compute-only`` and
+``compute-only-deepspeed`` variants. Each model runs eager and under ``torch.compile`` (inductor);
+the reference model also runs with each ``moe_dispatch`` mode. ``--profile`` prints the
+``torch.profiler`` table of one eager step of each model (ops by self time) and a breakdown of the
+reference MoE layer by part (gate, dispatch, experts, combine). The JSON record (``--out``, default
+``benchmarks/results/model_speed_<preset>_<device>_<time>.json``) holds every sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import math
+import os
+import shlex
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from benchmarks.presets import get_bench_preset
+from benchmarks.timing import synchronize, time_steps
+
+#: The CPU profile's sizes: gpu-smoke's shape ratios (C*E = 2.5 S, S = 2 d_ff, 16 experts over
+#: EP 8, top-2, cf 1.25) scaled down to run on a CPU in seconds, float32.
+CPU_PROFILE = dict(
+    vocab_size=1024, seq_len=512, d_model=256, n_heads=4, n_layers=2, d_ff=1024, num_experts=16,
+    top_k=2, capacity_factor=1.25, min_capacity=4, dtype="float32",
+)
+
+
+def _preset(name: str):
+    from graphsched.models import MoEGPTConfig
+
+    if name == "cpu-profile":
+        base = get_bench_preset("tiny-cpu")
+        return base.replace(
+            name="cpu-profile", model=MoEGPTConfig(**CPU_PROFILE), batch_size=4, virtual_size=8,
+            warmup=2, steps=5,
+        )
+    return get_bench_preset(name)
+
+
+def _models(preset, device: torch.device, group, seed: int, which: Sequence[str]):
+    """(name, builder) of each model to time; a builder returns the model on ``device``."""
+    from graphsched.models import MoEGPT
+
+    out: list[tuple[str, Callable[[], torch.nn.Module]]] = []
+    for name in which:
+        if name.startswith("reference"):
+            mode = name.partition(":")[2] or preset.model.moe_dispatch
+
+            def build(mode=mode):
+                torch.manual_seed(seed)
+                return MoEGPT(preset.model.replace(moe_dispatch=mode), process_group=group).to(device)
+
+            out.append((f"reference:{mode}", build))
+        elif name == "deepspeed":
+
+            def build_ds():
+                from benchmarks.variants import deepspeed_model
+
+                model, _groups = deepspeed_model(preset, group, seed)
+                return model.to(device)
+
+            out.append(("deepspeed", build_ds))
+        else:
+            raise SystemExit(f"unknown model {name!r}: reference[:einsum|:index] or deepspeed")
+    return out
+
+
+def _step_fn(model, batch) -> Callable[[], None]:
+    idx, targets = batch
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        model(idx, targets).backward()
+
+    return step
+
+
+def moe_breakdown(model, tokens: torch.Tensor, device: torch.device, repeats: int = 3) -> dict[str, float]:
+    """Forward + backward ms of each part of the first reference MoE layer on ``tokens``."""
+    from graphsched.models import MoELayer
+
+    layer = next(m for m in model.modules() if isinstance(m, MoELayer))
+    x = tokens.detach().requires_grad_(True)
+
+    def timed(fn: Callable[[], Any]) -> float:
+        fn()
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        synchronize(device)
+        return (time.perf_counter() - t0) / repeats * 1e3
+
+    def whole() -> None:
+        y, aux = layer(x)
+        (y.float().sum() + aux).backward()
+
+    def gate() -> None:
+        out = layer.gate(x, dtype=x.dtype)
+        (out.combine_weights.float().sum() + out.l_aux).backward()
+
+    return {"moe_layer_fwd_bwd_ms": timed(whole), "gate_fwd_bwd_ms": timed(gate)}
+
+
+def profile_step(step: Callable[[], None], device: torch.device, rows: int = 25) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        step()
+        synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.model_speed", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="cpu-profile", help="cpu-profile, tiny-cpu, gpu-smoke, gpu-e16, ...")
+    p.add_argument("--models", default="reference:einsum,reference:index,deepspeed")
+    p.add_argument("--modes", default="eager,inductor", help="eager and/or inductor")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--profile", action="store_true", help="print torch.profiler tables (eager)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    from benchmarks.report import write_record
+    from benchmarks.run import RESULTS_DIR, _device_tag, environment
+    from graphsched.models import make_batch
+    from graphsched.runtime.emulated import init_emulated_process_group
+
+    preset = _preset(args.preset)
+    if args.steps:
+        preset = preset.replace(steps=args.steps)
+    if args.warmup:
+        preset = preset.replace(warmup=args.warmup)
+    device = torch.device("cuda") if preset.device == "cuda" else torch.device("cpu")
+    env = environment(device)
+    group = init_emulated_process_group(preset.virtual_size, math.inf, device=device)
+    results: list[dict[str, Any]] = []
+    profiles: dict[str, str] = {}
+    try:
+        batch = make_batch(preset.model, preset.batch_size, 0, device)
+        which = [m.strip() for m in args.models.split(",") if m.strip()]
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        for name, build in _models(preset, device, group, 0, which):
+            for mode in modes:
+                row: dict[str, Any] = {"model": name, "mode": mode}
+                torch._dynamo.reset()
+                try:
+                    model = build()
+                except ImportError as exc:
+                    row.update(status="skipped", reason=f"skipped: deepspeed not installed ({exc})")
+                    results.append(row)
+                    print(f"{name:<18} {mode:<9} {row['reason']}")
+                    continue
+                run = torch.compile(model) if mode == "inductor" else model
+                step = _step_fn(run, batch)
+                t0 = time.perf_counter()
+                timing = time_steps(step, device, warmup=preset.warmup, steps=preset.steps)
+                row.update(status="ok", setup_s=round(time.perf_counter() - t0, 2), **timing.to_dict())
+                if args.profile and mode == "eager":
+                    profiles[name] = profile_step(step, device)
+                    if name.startswith("reference"):
+                        d = preset.model.d_model
+                        tokens = torch.randn(preset.tokens_per_rank, d, device=device).to(
+                            preset.model.torch_dtype
+                        )
+                        row["breakdown"] = moe_breakdown(model, tokens, device)
+                results.append(row)
+                print(f"{name:<18} {mode:<9} {row['median_ms']:9.2f} ms  {row.get('breakdown', '')}")
+                del model, run, step
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    finally:
+        dist.destroy_process_group()
+    for name, table in profiles.items():
+        print(f"\n== {name}, one eager step ==\n{table}")
+    record = {
+        "schema": "graphsched-model-speed/1",
+        "command": "python -m benchmarks.model_speed " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "preset": preset.to_dict(),
+        **env,
+        "step": "forward+backward, compute alone (infinite-bandwidth emulated group)",
+        "results": results,
+        "profiles": profiles,
+        "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = args.out or os.path.join(
+        RESULTS_DIR, f"model_speed_{preset.name}_{_device_tag(env['device'])}_{stamp}.json"
+    )
+    write_record(record, path)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
