@@ -78,16 +78,20 @@ def _models(preset, device: torch.device, group, seed: int, which: Sequence[str]
     return out
 
 
-def _step_fn(model, batch) -> Callable[[], None]:
+def _step_fn(model, batch) -> tuple[Callable[[], None], list[torch.Tensor]]:
+    """A step (grads cleared, forward + backward) and the list holding its last loss."""
     idx, targets = batch
     params = [p for p in model.parameters() if p.requires_grad]
+    last: list[torch.Tensor] = []
 
     def step() -> None:
         for p in params:
             p.grad = None
-        model(idx, targets).backward()
+        loss = model(idx, targets)
+        loss.backward()
+        last[:] = [loss.detach()]
 
-    return step
+    return step, last
 
 
 def moe_breakdown(model, tokens: torch.Tensor, device: torch.device, repeats: int = 3) -> dict[str, float]:
@@ -147,10 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from graphsched.runtime.emulated import init_emulated_process_group
 
     preset = _preset(args.preset)
-    if args.steps:
-        preset = preset.replace(steps=args.steps)
-    if args.warmup:
-        preset = preset.replace(warmup=args.warmup)
+    # Few steps: compilation dominates the run, and compute alone varies little between steps.
+    preset = preset.replace(steps=args.steps or min(preset.steps, 5), warmup=args.warmup or min(preset.warmup, 2))
     device = torch.device("cuda") if preset.device == "cuda" else torch.device("cpu")
     env = environment(device)
     group = init_emulated_process_group(preset.virtual_size, math.inf, device=device)
@@ -171,11 +173,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     results.append(row)
                     print(f"{name:<18} {mode:<9} {row['reason']}")
                     continue
+                if mode == "inductor" and name == "deepspeed":
+                    # DeepSpeed's int(capacity) and _AllToAll break the graph; the capturable
+                    # layers (same code, functional all-to-all, static capacity) compile whole.
+                    from graphsched.integrations.deepspeed_moe import make_capturable
+
+                    make_capturable(model)
                 run = torch.compile(model) if mode == "inductor" else model
-                step = _step_fn(run, batch)
+                step, last = _step_fn(run, batch)
                 t0 = time.perf_counter()
                 timing = time_steps(step, device, warmup=preset.warmup, steps=preset.steps)
                 row.update(status="ok", setup_s=round(time.perf_counter() - t0, 2), **timing.to_dict())
+                row["loss"] = float(last[0].float())
                 if args.profile and mode == "eager":
                     profiles[name] = profile_step(step, device)
                     if name.startswith("reference"):
@@ -185,8 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         )
                         row["breakdown"] = moe_breakdown(model, tokens, device)
                 results.append(row)
-                print(f"{name:<18} {mode:<9} {row['median_ms']:9.2f} ms  {row.get('breakdown', '')}")
-                del model, run, step
+                print(f"{name:<18} {mode:<9} {row['median_ms']:9.2f} ms  loss {row['loss']:.5f}  "
+                      f"{row.get('breakdown', '')}")
+                del model, run, step, last
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     finally:

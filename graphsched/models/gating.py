@@ -101,9 +101,9 @@ class Routing(NamedTuple):
         mask_dtype = torch.bool if dtype is None else dtype
         values = self.weights.to(weight_dtype)
         combine = torch.zeros(num_tokens, width, dtype=weight_dtype, device=values.device)
-        combine = combine.scatter(1, self.slots, values)
+        combine.scatter_(1, self.slots, values)
         mask = torch.zeros(num_tokens, width, dtype=mask_dtype, device=values.device)
-        mask = mask.scatter(1, self.slots, self.kept.to(mask_dtype))
+        mask.scatter_(1, self.slots, self.kept.to(mask_dtype))
         shape = (num_tokens, self.num_experts, self.capacity)
         return GateOutput(self.l_aux, combine.view(shape), mask.view(shape))
 
