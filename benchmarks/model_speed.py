@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from benchmarks.presets import get_bench_preset
 from benchmarks.timing import synchronize, time_steps
+from benchmarks.variants import Skip
 
 #: The CPU profile's sizes: gpu-smoke's shape ratios (C*E = 2.5 S, S = 2 d_ff, 16 experts over
 #: EP 8, top-2, cf 1.25) scaled down to run on a CPU in seconds, float32.
@@ -168,8 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 torch._dynamo.reset()
                 try:
                     model = build()
-                except ImportError as exc:
-                    row.update(status="skipped", reason=f"skipped: deepspeed not installed ({exc})")
+                except (Skip, ImportError) as exc:
+                    row.update(status="skipped", reason=f"skipped: {exc}")
                     results.append(row)
                     print(f"{name:<18} {mode:<9} {row['reason']}")
                     continue

@@ -475,3 +475,20 @@ def test_deepspeed_variants_are_skipped_cleanly_without_deepspeed(monkeypatch):
     if real("deepspeed") is not None:
         with pytest.raises(variants.Skip, match="deepspeed not installed: import failed"):
             variants.deepspeed_ready(torch.device("cpu"), None)
+
+
+def test_model_speed_times_both_dispatch_modes_with_equal_losses(tmp_path):
+    from benchmarks.model_speed import main as model_speed
+
+    out = tmp_path / "speed.json"
+    assert model_speed([
+        "--preset", "tiny-cpu", "--modes", "eager", "--models", "reference:einsum,reference:index",
+        "--steps", "1", "--warmup", "1", "--out", str(out),
+    ]) == 0
+    assert not dist.is_initialized()
+    record = json.loads(out.read_text())
+    rows = {r["model"]: r for r in record["results"]}
+    assert set(rows) == {"reference:einsum", "reference:index"}
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in rows.values())
+    assert rows["reference:einsum"]["loss"] == pytest.approx(rows["reference:index"]["loss"], abs=1e-6)
+    assert record["versions"]["torch"] == torch.__version__ and record["command"]

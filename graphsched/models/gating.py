@@ -93,7 +93,9 @@ class Routing(NamedTuple):
 
         Built by one scatter each into a zero [T, E * C] buffer (the dense one-hot products
         ``weight * expert_one_hot * slot_one_hot`` give the same values, in many more passes);
-        the weights' backward is then a gather of two values per token.
+        the weights' backward is then a gather of two values per token. Out of place on purpose:
+        graphsched's chunking rewrites the Dynamo graph, where an in-place ``scatter_`` on the
+        zero buffer lost its parity (tests/test_chunking.py, the custom-op model).
         """
         num_tokens = self.slots.shape[0]
         width = self.num_experts * self.capacity
@@ -101,9 +103,9 @@ class Routing(NamedTuple):
         mask_dtype = torch.bool if dtype is None else dtype
         values = self.weights.to(weight_dtype)
         combine = torch.zeros(num_tokens, width, dtype=weight_dtype, device=values.device)
-        combine.scatter_(1, self.slots, values)
+        combine = combine.scatter(1, self.slots, values)
         mask = torch.zeros(num_tokens, width, dtype=mask_dtype, device=values.device)
-        mask.scatter_(1, self.slots, self.kept.to(mask_dtype))
+        mask = mask.scatter(1, self.slots, self.kept.to(mask_dtype))
         shape = (num_tokens, self.num_experts, self.capacity)
         return GateOutput(self.l_aux, combine.view(shape), mask.view(shape))
 

@@ -193,7 +193,7 @@ class MoELayer(nn.Module):
         token_ids = torch.arange(num_tokens, device=tokens.device).unsqueeze(1).expand_as(slots)
         # The token of every slot; empty slots read the zero row ``num_tokens``.
         source = torch.full((width + 1,), num_tokens, dtype=torch.long, device=tokens.device)
-        source.scatter_(0, slots.reshape(-1), token_ids.reshape(-1))
+        source = source.scatter(0, slots.reshape(-1), token_ids.reshape(-1))
         padded = torch.cat([tokens, tokens.new_zeros(1, d_model)])
         dispatched = padded.index_select(0, source[:width]).view(
             routing.num_experts, routing.capacity, d_model
