@@ -122,6 +122,78 @@ def moe_breakdown(model, tokens: torch.Tensor, device: torch.device, repeats: in
     return {"moe_layer_fwd_bwd_ms": timed(whole), "gate_fwd_bwd_ms": timed(gate)}
 
 
+def layer_speed(preset, device: torch.device, group, which: Sequence[str], steps: int) -> list[dict[str, Any]]:
+    """One MoE layer alone of each model, fwd+bwd on random tokens: median ms, and the profiler's
+    self time split into the dispatch/combine matmuls ([T, E*C] operands), the other matmuls
+    (the experts) and everything else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from graphsched.models import MoELayer
+
+    cfg = preset.model
+    tokens = preset.tokens_per_rank
+    dtype = cfg.torch_dtype
+    rows: list[dict[str, Any]] = []
+    for name in which:
+        torch.manual_seed(0)
+        if name.startswith("reference"):
+            mode = name.partition(":")[2] or cfg.moe_dispatch
+            name = f"reference:{mode}"
+            layer = MoELayer(cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k, cfg.capacity_factor,
+                             cfg.min_capacity, group, dispatch=mode).to(device, dtype)
+            fwd = layer
+        else:
+            try:
+                from benchmarks.variants import deepspeed_ready
+
+                deepspeed_ready(device, group)
+            except Skip as exc:
+                rows.append({"model": name, "status": "skipped", "reason": f"skipped: {exc}"})
+                continue
+            from graphsched.integrations.deepspeed_gpt import DeepSpeedMoEFeedForward
+
+            ffn = DeepSpeedMoEFeedForward(cfg, ep_size=group.size())
+            ffn.moe.set_deepspeed_parallelism()
+            layer = ffn.to(device, dtype)
+            fwd = layer
+        x = torch.randn(tokens, cfg.d_model, device=device).to(dtype).requires_grad_(True)
+
+        def step() -> None:
+            y, aux = fwd(x)
+            (y.float().sum() + aux.float()).backward()
+
+        timing = time_steps(step, device, warmup=2, steps=steps)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities, record_shapes=True) as prof:
+            step()
+            synchronize(device)
+        from graphsched.models import compute_capacity
+
+        capacity = compute_capacity(tokens, cfg.num_experts, cfg.top_k, cfg.capacity_factor, cfg.min_capacity)
+        slot_dims = {cfg.num_experts * capacity, capacity}
+        parts: dict[str, float] = {}
+        attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        for ev in prof.key_averages(group_by_input_shape=True):
+            if not ev.key.startswith("aten::") or ev.key.startswith("aten::_c10d"):
+                continue
+            us = getattr(ev, attr, None)
+            if us is None:  # older torch
+                us = getattr(ev, "self_cuda_time_total" if device.type == "cuda" else attr, 0.0)
+            if ev.key in ("aten::bmm", "aten::mm", "aten::addmm"):
+                dims = {d for shape in ev.input_shapes for d in shape}
+                # The einsums' matmuls hold a [tokens, E*C] (or [.., C, tokens]) operand.
+                einsum = name.startswith("reference") and tokens in dims and bool(dims & slot_dims)
+                part = "dispatch/combine matmuls" if einsum else "expert matmuls"
+            else:
+                part = "everything else"
+            parts[part] = parts.get(part, 0.0) + us / 1e3
+        rows.append({"model": name, "mode": "layer", "status": "ok", **timing.to_dict(),
+                     "by_part_ms": {k: round(v, 2) for k, v in parts.items()}})
+        print(f"{name:<18} layer     {timing.median_ms:9.2f} ms  {rows[-1]['by_part_ms']}")
+        del layer, fwd, x
+    return rows
+
+
 def profile_step(step: Callable[[], None], device: torch.device, rows: int = 25) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -143,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables (eager)")
+    p.add_argument("--layer", action="store_true",
+                   help="also time one MoE layer alone of each model, with a profile split by part")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -163,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch = make_batch(preset.model, preset.batch_size, 0, device)
         which = [m.strip() for m in args.models.split(",") if m.strip()]
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        if args.layer:
+            results += layer_speed(preset, device, group, which, preset.steps)
         for name, build in _models(preset, device, group, 0, which):
             for mode in modes:
                 row: dict[str, Any] = {"model": name, "mode": mode}
