@@ -194,6 +194,64 @@ def layer_speed(preset, device: torch.device, group, which: Sequence[str], steps
     return rows
 
 
+def layer_counts(preset, modes: Sequence[str] = ("einsum", "index")) -> list[dict[str, Any]]:
+    """Bytes written and FLOPs of one reference MoE layer, fwd+bwd, at the preset's sizes and
+    dtype, counted on fake tensors (nothing computed: any size runs on a CPU in seconds).
+
+    Bytes are those of every non-view aten op's outputs (reads are not counted); FLOPs are
+    ``torch.utils.flop_counter``'s (the matmuls). No group: the experts' bmm runs over all E
+    experts, the same FLOPs as E_local experts over W*C slots.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from graphsched.models import MoELayer
+
+    class _Bytes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.by_op: dict[str, int] = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if not getattr(func, "is_view", False) and name not in ("detach", "_unsafe_view", "alias"):
+                n = sum(t.numel() * t.element_size() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+                self.by_op[name] = self.by_op.get(name, 0) + n
+            return out
+
+    cfg = preset.model
+    rows = []
+    for mode in modes:
+        with torch.device("meta"):
+            layer = MoELayer(cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k, cfg.capacity_factor,
+                             cfg.min_capacity, None, dispatch=mode).to(cfg.torch_dtype)
+        fake = FakeTensorMode(allow_non_fake_inputs=True)
+        for module in layer.modules():
+            for key, param in list(module._parameters.items()):
+                if param is not None:
+                    module._parameters[key] = torch.nn.Parameter(
+                        fake.from_tensor(torch.empty(param.shape, dtype=param.dtype)))
+        counted, flops = _Bytes(), FlopCounterMode(display=False)
+        with fake:
+            x = torch.randn(preset.tokens_per_rank, cfg.d_model, dtype=cfg.torch_dtype, requires_grad=True)
+            with flops, counted:
+                y, aux = layer(x)
+                (y.float().sum() + aux).backward()
+        top = sorted(counted.by_op.items(), key=lambda kv: -kv[1])[:8]
+        rows.append({
+            "model": f"reference:{mode}", "mode": "count", "status": "ok",
+            "gb_written": sum(counted.by_op.values()) / 1e9, "tflop": flops.get_total_flops() / 1e12,
+            "top_ops_gb": {k: round(v / 1e9, 3) for k, v in top},
+        })
+        r = rows[-1]
+        print(f"reference:{mode:<8} count     {r['gb_written']:.2f} GB written, {r['tflop']:.3f} TFLOP "
+              f"per MoE layer fwd+bwd; {r['top_ops_gb']}")
+    return rows
+
+
 def profile_step(step: Callable[[], None], device: torch.device, rows: int = 25) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -215,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables (eager)")
+    p.add_argument("--count", action="store_true",
+                   help="also count bytes written and FLOPs of one reference MoE layer (fake tensors)")
     p.add_argument("--layer", action="store_true",
                    help="also time one MoE layer alone of each model, with a profile split by part")
     p.add_argument("--out", default=None)
@@ -228,7 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     preset = _preset(args.preset)
     # Few steps: compilation dominates the run, and compute alone varies little between steps.
     preset = preset.replace(steps=args.steps or min(preset.steps, 5), warmup=args.warmup or min(preset.warmup, 2))
-    device = torch.device("cuda") if preset.device == "cuda" else torch.device("cpu")
+    count_only = args.count and not args.layer and not args.modes.strip()
+    if preset.device == "cuda" and not torch.cuda.is_available() and not count_only:
+        raise SystemExit(f"preset {preset.name} needs a CUDA device (--count --modes '' runs anywhere)")
+    device = torch.device("cuda") if preset.device == "cuda" and not count_only else torch.device("cpu")
     env = environment(device)
     group = init_emulated_process_group(preset.virtual_size, math.inf, device=device)
     results: list[dict[str, Any]] = []
@@ -237,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch = make_batch(preset.model, preset.batch_size, 0, device)
         which = [m.strip() for m in args.models.split(",") if m.strip()]
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        if args.count:
+            results += layer_counts(preset)
         if args.layer:
             results += layer_speed(preset, device, group, which, preset.steps)
         for name, build in _models(preset, device, group, 0, which):
