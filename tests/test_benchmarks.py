@@ -483,11 +483,15 @@ def test_model_speed_times_both_dispatch_modes_with_equal_losses(tmp_path):
     out = tmp_path / "speed.json"
     assert model_speed([
         "--preset", "tiny-cpu", "--modes", "eager", "--models", "reference:einsum,reference:index",
-        "--steps", "1", "--warmup", "1", "--out", str(out),
+        "--steps", "1", "--warmup", "1", "--count", "--out", str(out),
     ]) == 0
     assert not dist.is_initialized()
     record = json.loads(out.read_text())
-    rows = {r["model"]: r for r in record["results"]}
+    counts = {r["model"]: r for r in record["results"] if r["mode"] == "count"}
+    # The index dispatch does the experts' FLOPs only; the einsums add 5 matmuls of S*E*C*d.
+    assert counts["reference:index"]["tflop"] < counts["reference:einsum"]["tflop"]
+    assert counts["reference:index"]["gb_written"] < counts["reference:einsum"]["gb_written"]
+    rows = {r["model"]: r for r in record["results"] if r["mode"] == "eager"}
     assert set(rows) == {"reference:einsum", "reference:index"}
     assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in rows.values())
     assert rows["reference:einsum"]["loss"] == pytest.approx(rows["reference:index"]["loss"], abs=1e-6)
