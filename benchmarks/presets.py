@@ -24,15 +24,42 @@ ALL_VARIANTS = (
     "inductor",
     "compute-only-inductor",
     "inductor-reorder",
+    "inductor-classic",
     "inductor-overlap",
     "deepspeed",
     "compute-only-deepspeed",
+    "deepspeed+graphsched",
     "graphsched-identity",
     "graphsched-ilp",
     "graphsched-chunks2",
     "graphsched-chunks4",
     "graphsched-full",
+    "graphsched-inductor",
+    "graphsched-inductor-chunks2",
+    "graphsched-inductor-auto",
+    "graphsched-rewrite+inductor-classic",
 )
+
+#: ``--quick``: the peers that matter and the limit's parts, in about 5 minutes of H200 time per
+#: GPU preset: the fastest inductor peer (inductor-classic; plain inductor and inductor-reorder
+#: were slower on an H200), DeepSpeed, every family's compute alone (the limit takes the fastest),
+#: communication alone, and graphsched's ILP schedule on both models (plus graphsched-inductor
+#: where graphsched has ``codegen``; skipped otherwise, at no cost).
+QUICK_VARIANTS = (
+    "eager",
+    "compute-only",
+    "comm-only",
+    "compute-only-inductor",
+    "inductor-classic",
+    "deepspeed",
+    "compute-only-deepspeed",
+    "deepspeed+graphsched",
+    "graphsched-ilp",
+    "graphsched-inductor",
+    "graphsched-inductor-auto",
+)
+#: ``--quick`` measures fewer steps, and gives the ILP less time per graph.
+QUICK_STEPS = {"warmup": 2, "steps": 5, "solver_time_limit_s": 5.0}
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,15 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from benchmarks.presets import ALL_VARIANTS, PRESETS, BenchPreset, get_bench_preset
-from benchmarks.report import build_record, derived, format_table, write_record
+from benchmarks.presets import (
+    ALL_VARIANTS,
+    PRESETS,
+    QUICK_STEPS,
+    QUICK_VARIANTS,
+    BenchPreset,
+    get_bench_preset,
+)
+from benchmarks.report import build_record, check_losses, derived, format_table, write_record
 from benchmarks.variants import BenchContext, VariantResult, run_variant
 from graphsched.errors import ConfigError
 from graphsched.models import make_batch
@@ -150,6 +157,16 @@ def apply_overrides(preset: BenchPreset, assignments: Sequence[str]) -> BenchPre
         raise ConfigError(f"--set: {exc}; see BenchPreset and MoEGPTConfig for the field names.") from None
 
 
+def quick_preset(preset: BenchPreset) -> BenchPreset:
+    """``preset`` as ``--quick`` runs it: QUICK_VARIANTS, fewer steps, a shorter ILP limit."""
+    return preset.replace(
+        variants=QUICK_VARIANTS,
+        warmup=min(preset.warmup, QUICK_STEPS["warmup"]),
+        steps=min(preset.steps, QUICK_STEPS["steps"]),
+        solver_time_limit_s=min(preset.solver_time_limit_s, QUICK_STEPS["solver_time_limit_s"]),
+    )
+
+
 def run_benchmark(
     preset: BenchPreset,
     *,
@@ -165,8 +182,14 @@ def run_benchmark(
     graphsched_costs: str = "emulated",
     log: Callable[[str], None] = print,
     timeline_dir: str | None = None,
+    quick: bool = False,
 ) -> dict[str, Any]:
-    """Run ``preset``'s variants; print the table; write and return the JSON record."""
+    """Run ``preset``'s variants; print the table; write and return the JSON record.
+
+    ``quick``: QUICK_VARIANTS with QUICK_STEPS' warm-up, steps and ILP time limit, each unless
+    given here (``variants``, ``steps``, ``warmup`` win).
+    """
+    preset = quick_preset(preset) if quick else preset
     changes: dict[str, Any] = {}
     if bandwidth_gbps is not None:
         changes["bandwidth_gbps"] = float(bandwidth_gbps)
@@ -257,6 +280,8 @@ def run_benchmark(
             results[name] = r
             shown = f"{r.median_ms:.2f} ms" if r.median_ms is not None else f"{r.status}: {r.reason[:120]}"
             log(f"  {name:<24} {shown}  ({time.perf_counter() - t0:.1f} s)")
+        # No fast wrong answers: a variant whose loss is off is failed, in no table.
+        check_losses(results, preset.model.dtype)
         meta: dict[str, Any] = {
             "command": command or "python -m benchmarks.run --preset " + preset.name,
             "preset": preset.to_dict(),
@@ -272,6 +297,7 @@ def run_benchmark(
                 "step": "forward+backward" + ("" if optimizer == "none" else f"+optimizer({optimizer})"),
             },
             "graphsched_costs": graphsched_costs if device.type == "cuda" else "analytic (CPU)",
+            "quick": quick,
             "started_at": started.isoformat(timespec="seconds"),
             "elapsed_s": round(time.perf_counter() - t_start, 1),
         }
@@ -310,6 +336,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (compiles here)")
     p.add_argument("--variants", default=None,
                    help=f"comma-separated subset of: {', '.join(ALL_VARIANTS)}")
+    p.add_argument("--quick", action="store_true",
+                   help=f"the peers that matter ({', '.join(QUICK_VARIANTS)}), "
+                   f"{QUICK_STEPS['warmup']} warm-up and {QUICK_STEPS['steps']} timed steps; "
+                   "--variants / --steps / --warmup still win")
     p.add_argument("--optimizer", default="none", choices=OPTIMIZERS,
                    help="add an optimizer step to the timed step (default: none)")
     p.add_argument("--seed", type=int, default=0)
@@ -355,6 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             command=command,
             graphsched_costs=args.graphsched_costs,
             timeline_dir=args.timeline_dir,
+            quick=args.quick,
         )
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None

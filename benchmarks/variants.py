@@ -7,15 +7,21 @@ optimizer step with ``--optimizer``). What differs is how the step is run:
 * ``eager``: the model as written;
 * ``inductor``: ``torch.compile`` (inductor), default settings;
 * ``inductor-reorder``: inductor with its compute/communication reordering passes
-  (``reorder_for_compute_comm_overlap`` and the passes this torch version has);
+  (``reorder_for_compute_comm_overlap`` and the passes torch's config recommends);
+* ``inductor-classic``: the same with inductor's original passes ``sink_waits``, ``raise_comms``,
+  ``reorder_compute_for_overlap`` (the fastest peer measured so far);
 * ``inductor-overlap``: inductor with its ATen-level overlap scheduler
   (``aten_distributed_optimizations.enable_overlap_scheduling``), where this torch version has it;
 * ``deepspeed``: the same GPT whose MoE layers are DeepSpeed's ``deepspeed.moe.layer.MoE`` (eager);
+  ``deepspeed+graphsched``: that model made capturable and wrapped by graphsched (ILP), what a
+  DeepSpeed user runs; skipped ("deepspeed not installed") where deepspeed does not import;
 * ``graphsched-identity``: graphsched's runtime replaying the captured order (no scheduling: the
   runtime's own cost);
 * ``graphsched-ilp``: ``graphsched.wrap(schedule="ilp")``: weight-gradient scheduling;
 * ``graphsched-chunks2`` / ``-chunks4``: ILP plus regions cut into 2 / 4 micro-chunks, and
   ``graphsched-full``: ILP plus ``chunks="auto"`` (skipped while GraphschedConfig has no ``chunks``);
+* ``graphsched-inductor``: ILP with ``codegen="inductor"`` (skipped while GraphschedConfig has no
+  ``codegen``);
 * ``compute-only`` (and ``-inductor`` / ``-deepspeed``): the same step on a twin group that moves
   no bytes (infinite bandwidth): compute alone, the step of each family without communication;
 * ``comm-only``: the collectives of one eager step, replayed back to back on buffers of the same
@@ -43,15 +49,6 @@ from benchmarks.presets import BenchPreset
 from benchmarks.timing import Timing, synchronize, time_steps
 from graphsched.models import MoEGPT
 from graphsched.runtime.emulated import CollectiveCall, EmulatedProcessGroup
-
-#: Which compute-only variant is the "no communication" twin of each family.
-COMPUTE_ONLY_OF = {
-    "eager": "compute-only",
-    "inductor": "compute-only-inductor",
-    "deepspeed": "compute-only-deepspeed",
-    "graphsched": "compute-only",
-}
-
 
 @dataclass
 class BenchContext:
@@ -90,6 +87,10 @@ class VariantResult:
     collectives_per_step: float = 0.0
     peak_memory_gb: float | None = None
     final_loss: float | None = None
+    #: the loss of every step run (warm-up steps first), for the check against the reference
+    losses: list[float] = field(default_factory=list)
+    #: the largest deviation from the reference's losses found by report.check_losses
+    loss_error: float | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -106,7 +107,7 @@ class Skip(Exception):
 
 
 def family_of(name: str) -> str:
-    if name.startswith("graphsched"):
+    if "graphsched" in name:
         return "graphsched"
     if "inductor" in name:
         return "inductor"
@@ -115,6 +116,30 @@ def family_of(name: str) -> str:
     if name == "comm-only":
         return "comm"
     return "eager"
+
+
+def model_of(name: str) -> str:
+    """Which model a variant runs: "deepspeed" (DeepSpeed's MoE layers) or "reference"."""
+    return "deepspeed" if "deepspeed" in name else "reference"
+
+
+def compute_only_of(name: str) -> str:
+    """The compute-only variant a variant is compared with: the same model and kernels, no wire."""
+    if name.startswith("compute-only"):
+        return name
+    if model_of(name) == "deepspeed":
+        return "compute-only-deepspeed"
+    if "inductor" in name:
+        return "compute-only-inductor"
+    return "compute-only"
+
+
+def loss_reference_of(name: str) -> str | None:
+    """The variant whose losses ``name``'s must match: eager for the reference model, plain
+    DeepSpeed for DeepSpeed's model (other weights); None for the oracles themselves."""
+    if name in ("eager", "deepspeed", "comm-only"):
+        return None
+    return "deepspeed" if model_of(name) == "deepspeed" else "eager"
 
 
 def build_reference(ctx: BenchContext, group: dist.ProcessGroup) -> MoEGPT:
@@ -166,7 +191,7 @@ def measure_model(
     idx, targets = ctx.batch
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _make_optimizer(ctx.optimizer, model)
-    losses: list[torch.Tensor] = []
+    losses: list[torch.Tensor] = []  # detached: read once at the end, no sync while timing
 
     def zero_grads() -> None:
         for p in params:
@@ -178,7 +203,7 @@ def measure_model(
             loss.backward()
             if optimizer is not None:
                 optimizer.step()
-        losses[:] = [loss.detach()]
+        losses.append(loss.detach())
 
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
@@ -202,7 +227,8 @@ def measure_model(
     if ctx.device.type == "cuda":
         result.peak_memory_gb = torch.cuda.max_memory_allocated(ctx.device) / 2**30
     if losses:
-        result.final_loss = float(losses[0].float().cpu())
+        result.losses = [float(v) for v in torch.stack([v.float() for v in losses]).cpu()]
+        result.final_loss = result.losses[-1]
     result.status = "ok"
     return model
 
@@ -231,8 +257,13 @@ def record_step_calls(
     return list(calls)
 
 
+#: inductor's original compute/communication passes (torch/_inductor/comms.py, 2.11-2.13), in order.
+CLASSIC_PASSES = ("sink_waits", "raise_comms", "reorder_compute_for_overlap")
+
+
 def inductor_patches(kind: str) -> dict[str, Any]:
-    """Inductor config for ``kind`` ("plain", "reorder", "overlap"), from the names this torch has."""
+    """Inductor config for ``kind`` ("plain", "reorder", "classic", "overlap"), from the names this
+    torch has ("classic": CLASSIC_PASSES, the fastest peer measured on an H200 with torch 2.11)."""
     cfg = torch._inductor.config
     if kind == "plain":
         return {}
@@ -255,6 +286,18 @@ def inductor_patches(kind: str) -> dict[str, Any]:
             "reorder_for_compute_comm_overlap": True,
             "reorder_for_compute_comm_overlap_passes": passes,
         }
+    if kind == "classic":
+        from torch._inductor import comms
+
+        if not hasattr(cfg, "reorder_for_compute_comm_overlap"):
+            raise Skip("this torch has no torch._inductor.config.reorder_for_compute_comm_overlap")
+        passes = [p for p in CLASSIC_PASSES if hasattr(comms, p)]
+        if not passes:
+            raise Skip(f"this torch's torch._inductor.comms has none of {list(CLASSIC_PASSES)}")
+        return {
+            "reorder_for_compute_comm_overlap": True,
+            "reorder_for_compute_comm_overlap_passes": passes,
+        }
     if kind == "overlap":
         section = getattr(cfg, "aten_distributed_optimizations", None)
         if section is None or not hasattr(section, "enable_overlap_scheduling"):
@@ -272,6 +315,10 @@ def run_inductor(ctx: BenchContext, result: VariantResult, kind: str, compute_on
     patches = inductor_patches(kind)
     if patches:
         result.notes.append("inductor config: " + ", ".join(f"{k}={v}" for k, v in patches.items()))
+        missing = [p for p in CLASSIC_PASSES if p not in patches.get(
+            "reorder_for_compute_comm_overlap_passes", CLASSIC_PASSES)]
+        if kind == "classic" and missing:
+            result.notes.append(f"this torch lacks the passes {missing}: run without them")
     group = ctx.compute_only if compute_only else ctx.world
     model = build_reference(ctx, group)
     compiled = torch.compile(model)
@@ -282,16 +329,20 @@ def run_inductor(ctx: BenchContext, result: VariantResult, kind: str, compute_on
     measure_model(ctx, result, compiled, [group], around)
 
 
-def _deepspeed_ready(ctx: BenchContext) -> Any:
+def deepspeed_ready(device: torch.device, world: dist.ProcessGroup) -> Any:
+    """Import DeepSpeed and initialise its communication on ``world``; Skip if not installed."""
     if importlib.util.find_spec("deepspeed") is None:
-        raise Skip("deepspeed is not importable here (pip install deepspeed)")
-    if ctx.device.type == "cpu" and not torch.cuda.is_available():
+        raise Skip("deepspeed not installed (pip install deepspeed)")
+    if device.type == "cpu" and not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    from deepspeed import comm as ds_comm
+    try:
+        import deepspeed
+        from deepspeed import comm as ds_comm
+    except ImportError as exc:  # installed but not importable (a missing dependency)
+        raise Skip(f"deepspeed not installed: import failed ({exc})") from None
 
     if not ds_comm.is_initialized():
-        deepspeed.init_distributed(dist_backend=str(dist.get_backend(ctx.world)))
+        deepspeed.init_distributed(dist_backend=str(dist.get_backend(world)))
     _forget_stale_deepspeed_groups()
     return deepspeed
 
@@ -309,12 +360,15 @@ def _forget_stale_deepspeed_groups() -> None:
                 del cache[key]
 
 
-def run_deepspeed(ctx: BenchContext, result: VariantResult, compute_only: bool = False) -> None:
-    deepspeed = _deepspeed_ready(ctx)
+def deepspeed_model(
+    preset: BenchPreset, group: EmulatedProcessGroup, seed: int, compute_only: EmulatedProcessGroup | None = None
+) -> tuple[nn.Module, list[EmulatedProcessGroup]]:
+    """The GPT with DeepSpeed's MoE layers over ``group`` (expert groups on ``compute_only`` when
+    given); returns (model on CPU, the emulated groups its all-to-alls use)."""
+    deepspeed_ready(torch.device(preset.device), group)
     from graphsched.integrations.deepspeed_gpt import build_deepspeed_moe_gpt
 
-    result.notes.append(f"deepspeed {deepspeed.__version__}: MoE(ep_size={ctx.world.size()}), eager")
-    model = build_deepspeed_moe_gpt(ctx.preset.model, ep_size=ctx.world.size(), seed=ctx.seed)
+    model = build_deepspeed_moe_gpt(preset.model, ep_size=group.size(), seed=seed)
     groups: list[EmulatedProcessGroup] = []
     for block in model.blocks:
         if not block.is_moe:
@@ -322,14 +376,42 @@ def run_deepspeed(ctx: BenchContext, result: VariantResult, compute_only: bool =
         moe = block.ffn.moe
         moe.set_deepspeed_parallelism()
         layer = moe.deepspeed_moe
-        if compute_only:
+        if compute_only is not None:
             # The same layer on the twin group that moves no bytes.
-            layer.ep_group = ctx.compute_only
-            layer.gate.ep_group = ctx.compute_only
+            layer.ep_group = compute_only
+            layer.gate.ep_group = compute_only
         if isinstance(layer.ep_group, EmulatedProcessGroup) and layer.ep_group not in groups:
             groups.append(layer.ep_group)
+    return model, groups
+
+
+def run_deepspeed(
+    ctx: BenchContext, result: VariantResult, compute_only: bool = False, graphsched_kind: str | None = None
+) -> None:
+    deepspeed = deepspeed_ready(ctx.device, ctx.world)
+    model, groups = deepspeed_model(
+        ctx.preset, ctx.world, ctx.seed, ctx.compute_only if compute_only else None
+    )
     model = model.to(ctx.device)
+    if graphsched_kind is None:
+        result.notes.append(f"deepspeed {deepspeed.__version__}: MoE(ep_size={ctx.world.size()}), eager")
+    else:
+        # What a DeepSpeed user runs: the DeepSpeed model, made capturable and wrapped.
+        import graphsched
+        from graphsched.integrations.deepspeed_moe import make_capturable
+
+        options = graphsched_options(graphsched_kind)
+        options["solver_time_limit_s"] = ctx.preset.solver_time_limit_s
+        result.notes.append(
+            f"deepspeed {deepspeed.__version__}: MoE(ep_size={ctx.world.size()}), graphsched "
+            + ", ".join(f"{k}={v}" for k, v in options.items())
+        )
+        make_capturable(model)
+        cost_fn = ctx.cost_fn if ctx.graphsched_costs == "emulated" else None
+        graphsched.wrap(model, cost_fn=cost_fn, **options)
     measure_model(ctx, result, model, groups)
+    if graphsched_kind is not None:
+        _note_plans(result, model)
 
 
 def graphsched_options(kind: str) -> dict[str, Any]:
@@ -337,15 +419,23 @@ def graphsched_options(kind: str) -> dict[str, Any]:
 
     fields = {f.name for f in dataclasses.fields(GraphschedConfig)}
     options: dict[str, Any]
+    # The aten executor unless the variant names inductor (codegen="auto" picks inductor on CUDA).
+    aten = {"codegen": "aten"} if "codegen" in fields else {}
     if kind == "identity":
-        options = {"schedule": "identity"}
+        options = {"schedule": "identity", **aten}
     elif kind == "ilp":
-        options = {"schedule": "ilp"}
+        options = {"schedule": "ilp", **aten}
     elif kind in ("chunks2", "chunks4", "full"):
         if "chunks" not in fields:
             raise Skip("GraphschedConfig has no 'chunks' option in this version of graphsched")
         chunks: Any = {"chunks2": 2, "chunks4": 4, "full": "auto"}[kind]
-        options = {"schedule": "ilp", "chunks": chunks}
+        options = {"schedule": "ilp", "chunks": chunks, **aten}
+    elif kind in ("inductor", "inductor-chunks2", "inductor-auto"):
+        if "codegen" not in fields:
+            raise Skip("GraphschedConfig has no 'codegen' option in this version of graphsched")
+        options = {"schedule": "ilp", "codegen": "inductor"}
+        if kind != "inductor":
+            options["chunks"] = 2 if kind == "inductor-chunks2" else "auto"
     else:
         raise ValueError(kind)
     try:
@@ -355,17 +445,9 @@ def graphsched_options(kind: str) -> dict[str, Any]:
     return options
 
 
-def run_graphsched(ctx: BenchContext, result: VariantResult, kind: str) -> None:
-    import graphsched
+def _note_plans(result: VariantResult, model: nn.Module) -> None:
     from graphsched.api import state_of
 
-    options = graphsched_options(kind)
-    options["solver_time_limit_s"] = ctx.preset.solver_time_limit_s
-    result.notes.append("graphsched options: " + ", ".join(f"{k}={v}" for k, v in options.items()))
-    model = build_reference(ctx, ctx.world)
-    cost_fn = ctx.cost_fn if ctx.graphsched_costs == "emulated" else None
-    graphsched.wrap(model, cost_fn=cost_fn, **options)
-    measure_model(ctx, result, model, [ctx.world])
     for g in state_of(model).capture.graphs:
         if g.fallback_reason:
             result.notes.append(f"{g.name}: ran UNSCHEDULED ({g.fallback_reason})")
@@ -373,6 +455,27 @@ def run_graphsched(ctx: BenchContext, result: VariantResult, kind: str) -> None:
             result.notes.append(f"{g.name}: scheduled, {len(g.plan.tasks)} tasks")
             if "chunks" in g.plan.options:
                 result.notes.append(f"{g.name}: chunks {g.plan.options['chunks']}")
+
+
+def run_graphsched(ctx: BenchContext, result: VariantResult, kind: str) -> None:
+    import graphsched
+
+    options = graphsched_options(kind)
+    options["solver_time_limit_s"] = ctx.preset.solver_time_limit_s
+    result.notes.append("graphsched options: " + ", ".join(f"{k}={v}" for k, v in options.items()))
+    model = build_reference(ctx, ctx.world)
+    cost_fn = ctx.cost_fn if ctx.graphsched_costs == "emulated" else None
+    graphsched.wrap(model, cost_fn=cost_fn, **options)
+    if options.get("chunks") == "auto":
+        # chunks="auto" times the chunked and the unchunked graph over its first steps
+        # (runtime/measured_choice.py): run them before the timed steps, which see the choice.
+        from graphsched.runtime.measured_choice import MeasuredChoice
+
+        for _ in range(MeasuredChoice.calls_to_decide()):
+            model(*ctx.batch).backward()
+            model.zero_grad(set_to_none=True)
+    measure_model(ctx, result, model, [ctx.world])
+    _note_plans(result, model)
     if ctx.timeline_dir is not None:
         import os
 
@@ -382,6 +485,34 @@ def run_graphsched(ctx: BenchContext, result: VariantResult, kind: str) -> None:
         timelines.write_png(base + ".png")
         timelines.write_trace(base + ".trace.json")
         result.notes.append(f"timeline: {base}.png; " + timelines.summary().splitlines()[0])
+
+
+def run_rewrite_on_inductor_classic(ctx: BenchContext, result: VariantResult) -> None:
+    """Ablation: graphsched's chunk rewrite (chunks="auto", decided as graphsched-inductor-auto
+    decides) compiled by plain inductor in inductor-classic's order, not graphsched's plan: what
+    graphsched's own order adds beside its rewrite."""
+    from torch._inductor.compile_fx import compile_fx
+
+    from graphsched.config import GraphschedConfig
+    from graphsched.partition.chunking import make_graph_transform
+    from graphsched.partition.waits import inline_wait_functions
+
+    patches = inductor_patches("classic")
+    transform = make_graph_transform(GraphschedConfig(chunks="auto", cost_model="analytic",
+                                                      solver_time_limit_s=ctx.preset.solver_time_limit_s))
+    assert transform is not None
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
+        inline_wait_functions(gm)
+        gm = transform(gm, example_inputs)
+        decided = {rid: d.get("k") for rid, d in (gm.meta.get("graphsched_chunks") or {}).items()}
+        result.notes.append(f"chunks per region: {decided}")
+        with torch._inductor.config.patch(patches):
+            return compile_fx(gm, example_inputs)
+
+    model = build_reference(ctx, ctx.world)
+    compiled = torch.compile(model, backend=backend)
+    measure_model(ctx, result, compiled, [ctx.world], lambda: torch._inductor.config.patch(patches))
 
 
 def run_comm_only(ctx: BenchContext, result: VariantResult) -> None:
@@ -466,14 +597,20 @@ RUNNERS: dict[str, Callable[[BenchContext, VariantResult], None]] = {
     "inductor": lambda c, r: run_inductor(c, r, "plain"),
     "compute-only-inductor": lambda c, r: run_inductor(c, r, "plain", compute_only=True),
     "inductor-reorder": lambda c, r: run_inductor(c, r, "reorder"),
+    "inductor-classic": lambda c, r: run_inductor(c, r, "classic"),
     "inductor-overlap": lambda c, r: run_inductor(c, r, "overlap"),
     "deepspeed": lambda c, r: run_deepspeed(c, r),
     "compute-only-deepspeed": lambda c, r: run_deepspeed(c, r, compute_only=True),
+    "deepspeed+graphsched": lambda c, r: run_deepspeed(c, r, graphsched_kind="ilp"),
     "graphsched-identity": lambda c, r: run_graphsched(c, r, "identity"),
     "graphsched-ilp": lambda c, r: run_graphsched(c, r, "ilp"),
     "graphsched-chunks2": lambda c, r: run_graphsched(c, r, "chunks2"),
     "graphsched-chunks4": lambda c, r: run_graphsched(c, r, "chunks4"),
     "graphsched-full": lambda c, r: run_graphsched(c, r, "full"),
+    "graphsched-inductor": lambda c, r: run_graphsched(c, r, "inductor"),
+    "graphsched-inductor-chunks2": lambda c, r: run_graphsched(c, r, "inductor-chunks2"),
+    "graphsched-inductor-auto": lambda c, r: run_graphsched(c, r, "inductor-auto"),
+    "graphsched-rewrite+inductor-classic": run_rewrite_on_inductor_classic,
 }
 
 

@@ -281,13 +281,136 @@ def test_tiny_cpu_preset_writes_a_complete_record(tmp_path):
     assert any(line.startswith("graphsched-ilp") for line in "\n".join(lines).splitlines())
 
 
-def _result(name: str, ms: float | None, status: str = "ok") -> VariantResult:
+def _result(
+    name: str, ms: float | None, status: str = "ok", losses: list[float] | None = None
+) -> VariantResult:
     from benchmarks.variants import family_of
 
     return VariantResult(
         name=name, family=family_of(name), status=status,
-        timing=Timing([ms]) if ms is not None else None,
+        timing=Timing([ms]) if ms is not None else None, losses=list(losses or []),
     )
+
+
+def _issue_13_table() -> dict[str, VariantResult]:
+    """The H200 figures of issue 13 (gpu-smoke, 12.5 GB/s), plus two graphsched variants."""
+    loss = [10.40, 10.40]
+    rows = [
+        ("eager", 59.1), ("compute-only", 36.3), ("comm-only", 23.9), ("inductor", 38.0),
+        ("compute-only-inductor", 14.8), ("inductor-classic", 35.2), ("deepspeed", 45.1),
+        ("compute-only-deepspeed", 20.9), ("graphsched-ilp", 46.2), ("deepspeed+graphsched", 40.0),
+    ]
+    return {n: _result(n, ms, losses=None if n == "comm-only" else loss) for n, ms in rows}
+
+
+def test_true_limit_is_the_fastest_compute_of_any_family_or_the_comm():
+    from benchmarks.report import true_limit
+
+    results = _issue_13_table()
+    lim = true_limit(results)
+    # max(min(36.3, 14.8, 20.9), 23.9): communication bounds it, not eager's compute.
+    assert lim["limit_ms"] == pytest.approx(23.9)
+    assert lim["limit_compute_variant"] == "compute-only-inductor"
+    assert lim["limit_compute_ms"] == pytest.approx(14.8)
+    d = derived(results)
+    for name in ("eager", "inductor-classic", "deepspeed", "graphsched-ilp"):
+        assert d[name]["limit_ms"] == pytest.approx(23.9)
+        assert d[name]["limit_fraction"] == pytest.approx(23.9 / results[name].median_ms)
+    # Compute-bound: the fastest compute alone is the limit.
+    results["comm-only"] = _result("comm-only", 5.0)
+    assert true_limit(results)["limit_ms"] == pytest.approx(14.8)
+    # A failed compute-only step does not set the limit.
+    results["compute-only-inductor"].status = "failed"
+    assert true_limit(results)["limit_ms"] == pytest.approx(20.9)
+    assert true_limit(results)["limit_compute_variant"] == "compute-only-deepspeed"
+
+
+def test_best_peer_is_named_and_every_graphsched_variant_is_compared_with_it():
+    from benchmarks.report import best_peer
+
+    results = _issue_13_table()
+    assert best_peer(results) == ("inductor-classic", pytest.approx(35.2))
+    d = derived(results)
+    assert d["graphsched-ilp"]["speedup_vs_best_peer"] == pytest.approx(35.2 / 46.2)
+    # DeepSpeed's model under graphsched is graphsched's, compared with DeepSpeed's compute alone.
+    assert d["deepspeed+graphsched"]["speedup_vs_best_peer"] == pytest.approx(35.2 / 40.0)
+    assert d["deepspeed+graphsched"]["compute_reference"] == "compute-only-deepspeed"
+    assert d["compute-only-inductor"]["speedup_vs_best_peer"] is None
+    table = format_table(results)
+    assert "best peer: inductor-classic (35.20 ms)" in table
+    assert "limit: 23.90 ms" in table and "compute-only-inductor" in table
+    summary = build_record(results, {})["summary"]
+    assert summary["best_peer"] == "inductor-classic" and summary["limit_ms"] == pytest.approx(23.9)
+    # graphsched never counts as a peer, however fast.
+    results["graphsched-ilp"] = _result("graphsched-ilp", 20.0, losses=[10.40, 10.40])
+    assert best_peer(results)[0] == "inductor-classic"
+
+
+def test_a_variant_with_a_nan_or_wrong_loss_fails_and_enters_no_table():
+    from benchmarks.report import check_losses
+
+    results = _issue_13_table()
+    # Fast and wrong: NaN loss; fast and off by more than the bf16 tolerance (1e-2 absolute).
+    results["graphsched-chunks2"] = _result("graphsched-chunks2", 20.0, losses=[10.40, float("nan")])
+    results["graphsched-full"] = _result("graphsched-full", 21.0, losses=[10.42, 10.42])
+    # Within tolerance passes; DeepSpeed's model is checked against plain DeepSpeed.
+    results["graphsched-chunks4"] = _result("graphsched-chunks4", 50.0, losses=[10.405, 10.405])
+    results["compute-only-deepspeed"].losses = [10.40 + 0.5] * 2
+    results["deepspeed"].losses = [10.40 + 0.5] * 2
+    check_losses(results, "bfloat16")
+    assert results["graphsched-chunks2"].status == "failed"
+    assert "non-finite" in results["graphsched-chunks2"].reason
+    assert results["graphsched-full"].status == "failed"
+    assert "tolerance 0.01 absolute" in results["graphsched-full"].reason
+    assert results["graphsched-chunks4"].status == "ok"
+    assert results["deepspeed+graphsched"].status == "failed"  # 10.40 against DeepSpeed's 10.90
+    assert results["compute-only-deepspeed"].status == "ok"
+    table = format_table(results)
+    rows = [line.split()[0] for line in table.split("failed:")[0].splitlines() if line.strip()]
+    assert "graphsched-chunks2" not in rows and "graphsched-full" not in rows
+    assert "graphsched-chunks4" in rows
+    failed = table.split("failed:")[1]
+    assert "graphsched-chunks2: loss check: non-finite" in failed and "graphsched-full" in failed
+    record = build_record(results, {})
+    assert record["summary"]["fastest_variant"] == "compute-only-inductor" or record["summary"][
+        "fastest_variant"] != "graphsched-chunks2"
+    assert set(record["summary"]["failed"]) == {"graphsched-chunks2", "graphsched-full", "deepspeed+graphsched"}
+    assert derived(results)["graphsched-chunks2"]["speedup_vs_eager"] is None
+    # float32: 1e-4 relative.
+    fp32 = {"eager": _result("eager", 1.0, losses=[2.0]), "inductor": _result("inductor", 1.0, losses=[2.0003])}
+    check_losses(fp32, "float32")
+    assert fp32["inductor"].status == "failed" and "relative" in fp32["inductor"].reason
+    fp32 = {"eager": _result("eager", 1.0, losses=[2.0]), "inductor": _result("inductor", 1.0, losses=[2.0001])}
+    check_losses(fp32, "float32")
+    assert fp32["inductor"].status == "ok"
+
+
+def test_quick_selects_the_peers_that_matter_and_variants_still_win(tmp_path):
+    from benchmarks.presets import QUICK_STEPS, QUICK_VARIANTS
+    from benchmarks.run import parse_args, quick_preset
+
+    preset = quick_preset(get_bench_preset("gpu-e16"))
+    assert preset.variants == QUICK_VARIANTS
+    assert (preset.warmup, preset.steps) == (QUICK_STEPS["warmup"], QUICK_STEPS["steps"])
+    assert preset.solver_time_limit_s <= 5.0
+    for needed in ("eager", "comm-only", "compute-only", "compute-only-inductor",
+                   "compute-only-deepspeed", "inductor-classic", "deepspeed",
+                   "deepspeed+graphsched", "graphsched-ilp"):
+        assert needed in QUICK_VARIANTS
+    assert set(QUICK_VARIANTS) <= set(ALL_VARIANTS)
+    assert "graphsched-chunks4" not in QUICK_VARIANTS and "inductor-overlap" not in QUICK_VARIANTS
+    assert parse_args(["--quick"]).quick
+    # --variants picks the subset, --quick the steps; the record says it was quick.
+    out = tmp_path / "q.json"
+    record = run_benchmark(
+        get_bench_preset("tiny-cpu"), variants=["eager", "comm-only", "graphsched-inductor"],
+        quick=True, out=str(out), log=lambda _line: None,
+    )
+    assert [v["name"] for v in record["variants"]] == ["eager", "comm-only", "graphsched-inductor"]
+    tiny = get_bench_preset("tiny-cpu")
+    assert record["quick"] is True
+    assert record["timing"]["steps"] == min(tiny.steps, QUICK_STEPS["steps"])
+    assert record["preset"]["solver_time_limit_s"] <= 5.0
 
 
 def test_derived_figures_follow_the_documented_formulas():
@@ -302,14 +425,15 @@ def test_derived_figures_follow_the_documented_formulas():
     d = derived(results)
     assert d["graphsched-ilp"]["speedup_vs_eager"] == pytest.approx(20 / 15)
     assert d["graphsched-ilp"]["exposed_comm_ms"] == pytest.approx(3.0)
-    assert d["graphsched-ilp"]["limit_fraction"] == pytest.approx(12 / 15)
+    # The limit takes the fastest compute alone of any family (inductor's 10 ms), not eager's.
+    assert d["graphsched-ilp"]["limit_fraction"] == pytest.approx(10 / 15)
     # Inductor is compared with its own compute-only step.
     assert d["inductor"]["compute_reference"] == "compute-only-inductor"
     assert d["inductor"]["exposed_comm_ms"] == pytest.approx(6.0)
     assert d["inductor"]["limit_fraction"] == pytest.approx(10 / 16)
     assert d["deepspeed"]["speedup_vs_eager"] is None
     record = build_record(results, {"command": "x"})
-    assert record["summary"]["best_possible_speedup_vs_eager"] == pytest.approx(20 / 12)
+    assert record["summary"]["best_possible_speedup_vs_eager"] == pytest.approx(20 / 10)
     assert record["summary"]["fastest_variant"] == "graphsched-ilp"
     table = format_table(results)
     assert all(name in table for name in results) and "skipped" in table
@@ -355,3 +479,43 @@ def test_cpu_figures_are_labelled_as_not_speed_results():
     note = cpu_note(results, "cpu")
     assert "not speed results" in note and "negative exposed ms" in note and "graphsched-ilp" in note
     assert cpu_note(results, "cuda") is None
+
+
+def test_deepspeed_variants_are_skipped_cleanly_without_deepspeed(monkeypatch):
+    import importlib.util
+    import sys
+
+    from benchmarks import variants
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        variants.importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a)
+    )
+    with pytest.raises(variants.Skip, match="deepspeed not installed"):
+        variants.deepspeed_ready(torch.device("cpu"), None)
+    monkeypatch.setattr(variants.importlib.util, "find_spec", real)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # installed, but its import fails
+    if real("deepspeed") is not None:
+        with pytest.raises(variants.Skip, match="deepspeed not installed: import failed"):
+            variants.deepspeed_ready(torch.device("cpu"), None)
+
+
+def test_model_speed_times_both_dispatch_modes_with_equal_losses(tmp_path):
+    from benchmarks.model_speed import main as model_speed
+
+    out = tmp_path / "speed.json"
+    assert model_speed([
+        "--preset", "tiny-cpu", "--modes", "eager", "--models", "reference:einsum,reference:index",
+        "--steps", "1", "--warmup", "1", "--count", "--out", str(out),
+    ]) == 0
+    assert not dist.is_initialized()
+    record = json.loads(out.read_text())
+    counts = {r["model"]: r for r in record["results"] if r["mode"] == "count"}
+    # The index dispatch does the experts' FLOPs only; the einsums add 5 matmuls of S*E*C*d.
+    assert counts["reference:index"]["tflop"] < counts["reference:einsum"]["tflop"]
+    assert counts["reference:index"]["gb_written"] < counts["reference:einsum"]["gb_written"]
+    rows = {r["model"]: r for r in record["results"] if r["mode"] == "eager"}
+    assert set(rows) == {"reference:einsum", "reference:index"}
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in rows.values())
+    assert rows["reference:einsum"]["loss"] == pytest.approx(rows["reference:index"]["loss"], abs=1e-6)
+    assert record["versions"]["torch"] == torch.__version__ and record["command"]

@@ -43,6 +43,10 @@ class MoEGPTConfig:
     tie_embeddings: bool = False
     #: Parameter dtype, a key of DTYPES; routing and the loss are always computed in float32.
     dtype: str = "float32"
+    #: How MoE layers move tokens to expert slots and back: "einsum" (dense [T, E, C] mask and
+    #: weights, the two einsums graphsched's micro-chunking cuts) or "index" (gathers, as
+    #: DeepSpeed's MOELayer; same routing and values, none of the einsums' work).
+    moe_dispatch: str = "einsum"
 
     def __post_init__(self) -> None:
         for name in (
@@ -89,6 +93,10 @@ class MoEGPTConfig:
             )
         if not isinstance(self.tie_embeddings, bool):
             raise ConfigError(f"tie_embeddings={self.tie_embeddings!r} must be True or False.")
+        if self.moe_dispatch not in ("einsum", "index"):
+            raise ConfigError(
+                f"moe_dispatch={self.moe_dispatch!r} is not known; use 'einsum' or 'index'."
+            )
         if self.dtype not in DTYPES:
             raise ConfigError(
                 f"dtype={self.dtype!r} is not known; use one of {', '.join(DTYPES)}."

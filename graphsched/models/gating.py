@@ -71,63 +71,115 @@ def load_balancing_loss(gates: torch.Tensor, top1_mask: torch.Tensor) -> torch.T
     return (mean_gates * mean_mask).sum() * num_experts
 
 
-def _slots(
-    mask: torch.Tensor, locations: torch.Tensor, capacity: int
+class Routing(NamedTuple):
+    """Where each token's choices go, without any dense [T, E, C] tensor.
+
+    ``slots[t, k]`` is the flat slot ``expert * capacity + position`` of choice k of token t,
+    ``kept[t, k]`` whether that choice found room (a dropped choice's slot is
+    ``expert * capacity``, never used: ``kept`` masks it), ``weights[t, k]`` its combine weight
+    (float32, 0 where dropped). A token's choices go to distinct experts, so no two choices of
+    one token share a slot, and no two kept choices of any tokens do.
+    """
+
+    l_aux: torch.Tensor  # scalar, float32
+    capacity: int
+    num_experts: int
+    slots: torch.Tensor  # [T, k] int64
+    kept: torch.Tensor  # [T, k] bool
+    weights: torch.Tensor  # [T, k] float32
+
+    def dense(self, dtype: torch.dtype | None = None) -> GateOutput:
+        """The dense ``GateOutput``: float32 weights and a bool mask, or both in ``dtype``.
+
+        Built by one scatter each into a zero [T, E * C] buffer (the dense one-hot products
+        ``weight * expert_one_hot * slot_one_hot`` give the same values, in many more passes);
+        the weights' backward is then a gather of two values per token. Out of place on purpose:
+        graphsched's chunking rewrites the Dynamo graph, where an in-place ``scatter_`` on the
+        zero buffer lost its parity (tests/test_chunking.py, the custom-op model).
+        """
+        num_tokens = self.slots.shape[0]
+        width = self.num_experts * self.capacity
+        weight_dtype = torch.float32 if dtype is None else dtype
+        mask_dtype = torch.bool if dtype is None else dtype
+        values = self.weights.to(weight_dtype)
+        combine = torch.zeros(num_tokens, width, dtype=weight_dtype, device=values.device)
+        combine = combine.scatter(1, self.slots, values)
+        mask = torch.zeros(num_tokens, width, dtype=mask_dtype, device=values.device)
+        mask = mask.scatter(1, self.slots, self.kept.to(mask_dtype))
+        shape = (num_tokens, self.num_experts, self.capacity)
+        return GateOutput(self.l_aux, combine.view(shape), mask.view(shape))
+
+
+def _place(
+    index: torch.Tensor, mask: torch.Tensor, locations: torch.Tensor, capacity: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop the choices at or past ``capacity``; return (kept mask [T, E], slot one-hot [T, C])."""
-    kept = mask * (locations < capacity)
-    slot = (locations * kept).sum(dim=1)  # 0 for a dropped choice; masked out by ``kept`` anyway
-    return kept, _one_hot(slot, capacity)
+    """(flat slot [T], kept [T]) of the choices ``index`` [T] with one-hot ``mask`` [T, E]."""
+    location = (locations * mask).sum(dim=1)  # the chosen expert's queue position
+    kept = location < capacity
+    slot = index * capacity + torch.where(kept, location, torch.zeros_like(location))
+    return slot, kept
 
 
-def top1gating(logits: torch.Tensor, capacity_factor: float, min_capacity: int = 4) -> GateOutput:
+def top1_routing(logits: torch.Tensor, capacity_factor: float, min_capacity: int = 4) -> Routing:
     """Switch-style top-1 routing of ``logits`` [T, E]; see the module docstring."""
     num_tokens, num_experts = logits.shape
     capacity = compute_capacity(num_tokens, num_experts, 1, capacity_factor, min_capacity)
     gates = F.softmax(logits.float(), dim=1)
 
-    mask1 = _one_hot(torch.argmax(gates, dim=1), num_experts)
+    index1 = torch.argmax(gates, dim=1)
+    mask1 = _one_hot(index1, num_experts)
     l_aux = load_balancing_loss(gates, mask1)
 
     locations1 = torch.cumsum(mask1, dim=0) - 1
-    mask1, slot1 = _slots(mask1, locations1, capacity)
-    kept1 = mask1.to(gates.dtype)
-    gate1 = (gates * kept1).sum(dim=1)
+    slot1, kept1 = _place(index1, mask1, locations1, capacity)
+    gate1 = gates.gather(1, index1.unsqueeze(1)).squeeze(1)
+    weight1 = torch.where(kept1, gate1, torch.zeros_like(gate1))
+    return Routing(
+        l_aux, capacity, num_experts, slot1.unsqueeze(1), kept1.unsqueeze(1), weight1.unsqueeze(1)
+    )
 
-    placed = kept1.unsqueeze(2) * slot1.to(gates.dtype).unsqueeze(1)  # [T, E, C]
-    combine_weights = gate1[:, None, None] * placed
-    return GateOutput(l_aux, combine_weights, placed > 0)
 
-
-def top2gating(logits: torch.Tensor, capacity_factor: float, min_capacity: int = 4) -> GateOutput:
+def top2_routing(logits: torch.Tensor, capacity_factor: float, min_capacity: int = 4) -> Routing:
     """GShard-style top-2 routing of ``logits`` [T, E]; see the module docstring."""
     num_tokens, num_experts = logits.shape
     capacity = compute_capacity(num_tokens, num_experts, 2, capacity_factor, min_capacity)
     gates = F.softmax(logits.float(), dim=1)
 
-    mask1 = _one_hot(torch.argmax(gates, dim=1), num_experts)
+    index1 = torch.argmax(gates, dim=1)
+    mask1 = _one_hot(index1, num_experts)
     # Gates are >= 0, so -1 excludes the first choice from the second argmax.
     gates_except1 = gates.masked_fill(mask1.bool(), -1.0)
-    mask2 = _one_hot(torch.argmax(gates_except1, dim=1), num_experts)
+    index2 = torch.argmax(gates_except1, dim=1)
+    mask2 = _one_hot(index2, num_experts)
     l_aux = load_balancing_loss(gates, mask1)
 
     locations1 = torch.cumsum(mask1, dim=0) - 1
     # Second choices queue behind every first choice of the same expert.
     locations2 = torch.cumsum(mask2, dim=0) - 1 + mask1.sum(dim=0, keepdim=True)
 
-    gate1 = (gates * mask1.to(gates.dtype)).sum(dim=1)
-    gate2 = (gates * mask2.to(gates.dtype)).sum(dim=1)
+    gate1 = gates.gather(1, index1.unsqueeze(1)).squeeze(1)
+    gate2 = gates.gather(1, index2.unsqueeze(1)).squeeze(1)
     # Softmax outputs can underflow to 0 for extreme logits; eps keeps the division finite.
     denom = torch.clamp(gate1 + gate2, min=torch.finfo(gates.dtype).eps)
     gate1 = gate1 / denom
     gate2 = gate2 / denom
 
-    mask1, slot1 = _slots(mask1, locations1, capacity)
-    mask2, slot2 = _slots(mask2, locations2, capacity)
-    placed1 = mask1.to(gates.dtype).unsqueeze(2) * slot1.to(gates.dtype).unsqueeze(1)
-    placed2 = mask2.to(gates.dtype).unsqueeze(2) * slot2.to(gates.dtype).unsqueeze(1)
-    combine_weights = gate1[:, None, None] * placed1 + gate2[:, None, None] * placed2
-    return GateOutput(l_aux, combine_weights, (placed1 + placed2) > 0)
+    slot1, kept1 = _place(index1, mask1, locations1, capacity)
+    slot2, kept2 = _place(index2, mask2, locations2, capacity)
+    kept = torch.stack([kept1, kept2], dim=1)
+    weights = torch.stack([gate1, gate2], dim=1)
+    weights = torch.where(kept, weights, torch.zeros_like(weights))
+    return Routing(l_aux, capacity, num_experts, torch.stack([slot1, slot2], dim=1), kept, weights)
+
+
+def top1gating(logits: torch.Tensor, capacity_factor: float, min_capacity: int = 4) -> GateOutput:
+    """Switch-style top-1 routing of ``logits`` [T, E] as dense [T, E, C] tensors."""
+    return top1_routing(logits, capacity_factor, min_capacity).dense()
+
+
+def top2gating(logits: torch.Tensor, capacity_factor: float, min_capacity: int = 4) -> GateOutput:
+    """GShard-style top-2 routing of ``logits`` [T, E] as dense [T, E, C] tensors."""
+    return top2_routing(logits, capacity_factor, min_capacity).dense()
 
 
 class TopKGate(nn.Module):
@@ -159,10 +211,18 @@ class TopKGate(nn.Module):
             num_tokens, self.num_experts, self.top_k, self.capacity_factor, self.min_capacity
         )
 
-    def forward(self, x: torch.Tensor) -> GateOutput:
-        """Route ``x`` [T, d_model]."""
+    def route(self, x: torch.Tensor) -> Routing:
+        """Route ``x`` [T, d_model]: the sparse ``Routing`` (no dense [T, E, C] tensor)."""
         # Routing decisions in bf16 flip on rounding; float32 logits as DeepSpeed does.
         logits = F.linear(x.float(), self.wg.weight.float())
         if self.top_k == 1:
-            return top1gating(logits, self.capacity_factor, self.min_capacity)
-        return top2gating(logits, self.capacity_factor, self.min_capacity)
+            return top1_routing(logits, self.capacity_factor, self.min_capacity)
+        return top2_routing(logits, self.capacity_factor, self.min_capacity)
+
+    def forward(
+        self, x: torch.Tensor, dtype: torch.dtype | None = None, sparse: bool = False
+    ) -> GateOutput | Routing:
+        """Route ``x`` [T, d_model]; a ``GateOutput`` (float32 weights, bool mask; both in
+        ``dtype`` when given), or the ``Routing`` itself with ``sparse=True``."""
+        routing = self.route(x)
+        return routing if sparse else routing.dense(dtype)

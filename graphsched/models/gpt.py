@@ -86,6 +86,7 @@ class Block(nn.Module):
                 config.capacity_factor,
                 config.min_capacity,
                 process_group,
+                dispatch=config.moe_dispatch,
             )
         else:
             self.ffn = MLP(config)

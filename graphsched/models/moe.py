@@ -6,6 +6,12 @@ With an expert-parallel group of size W, rank r holds the experts ``r*E_local ..
     gate -> dispatch einsum [E, C, d] -> all-to-all -> experts (bmm over [E_local, W*C, d])
          -> all-to-all back -> combine einsum [T, d]
 
+``dispatch="index"`` (``MoEGPTConfig.moe_dispatch``) moves tokens to slots and back by gathers
+instead of the two einsums, as DeepSpeed's MOELayer does: the same slots and values with no dense
+[T, E, C] tensor and none of the einsums' T * E * C * d multiply-adds (at gpu-smoke's sizes those
+are as many as the experts'). The einsum form is the default: graphsched's micro-chunking cuts the
+dispatch einsum's output along C and the combine einsum as a partial sum.
+
 Both all-to-alls are ``_functional_collectives.all_to_all_single_autograd`` with even splits, so a
 captured graph shows each one as an issue node followed by a wait node, in the forward and the
 backward graph. The dispatched tensor is ordered by global expert index, so splitting its first dim
@@ -25,6 +31,9 @@ from torch.distributed import _functional_collectives as funcol
 
 from graphsched.errors import ConfigError
 from graphsched.models.gating import TopKGate
+
+#: How an MoE layer moves tokens to expert slots and back (MoEGPTConfig.moe_dispatch).
+DISPATCH_MODES = ("einsum", "index")
 
 
 def group_size_and_rank(process_group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -117,8 +126,12 @@ class MoELayer(nn.Module):
         capacity_factor: float = 1.0,
         min_capacity: int = 4,
         process_group: dist.ProcessGroup | None = None,
+        dispatch: str = "einsum",
     ) -> None:
         super().__init__()
+        if dispatch not in DISPATCH_MODES:
+            raise ConfigError(f"dispatch={dispatch!r} is not known; use one of {DISPATCH_MODES}.")
+        self.dispatch = dispatch
         self.ep_size, self.ep_rank = group_size_and_rank(process_group)
         check_expert_split(num_experts, self.ep_size)
         self.process_group = process_group
@@ -131,35 +144,63 @@ class MoELayer(nn.Module):
     def _all_to_all(self, x: torch.Tensor) -> torch.Tensor:
         return funcol.all_to_all_single_autograd(x, None, None, self.process_group)
 
+    def _exchange(self, dispatched: torch.Tensor) -> torch.Tensor:
+        """[E, C, d] slots by global expert -> the experts' outputs, same layout."""
+        num_experts, capacity, d_model = dispatched.shape
+        # Any group, even of one rank, goes through the all-to-all: the graph then holds the same
+        # collectives whatever the world size (a one-GPU run exercises the communication path).
+        if self.process_group is None:
+            return self.experts(dispatched)
+        world, local = self.ep_size, self.num_local_experts
+        received = self._all_to_all(dispatched.reshape(num_experts * capacity, d_model))
+        # Received rows are [source rank, local expert, slot]; each expert takes all sources.
+        expert_in = (
+            received.reshape(world, local, capacity, d_model)
+            .transpose(0, 1)
+            .reshape(local, world * capacity, d_model)
+        )
+        expert_out = self.experts(expert_in)
+        outgoing = (
+            expert_out.reshape(local, world, capacity, d_model)
+            .transpose(0, 1)
+            .reshape(num_experts * capacity, d_model)
+        )
+        return self._all_to_all(outgoing).reshape(num_experts, capacity, d_model)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` [..., d_model] -> (output of the same shape, auxiliary loss scalar)."""
         shape = x.shape
         d_model = shape[-1]
         tokens = x.reshape(-1, d_model)
-        l_aux, combine_weights, dispatch_mask = self.gate(tokens)
-        num_experts, capacity = combine_weights.shape[1], combine_weights.shape[2]
-
-        dispatched = torch.einsum("sec,sm->ecm", dispatch_mask.to(x.dtype), tokens)  # [E, C, d]
-        # Any group, even of one rank, goes through the all-to-all: the graph then holds the same
-        # collectives whatever the world size (a one-GPU run exercises the communication path).
-        if self.process_group is not None:
-            world, local = self.ep_size, self.num_local_experts
-            received = self._all_to_all(dispatched.reshape(num_experts * capacity, d_model))
-            # Received rows are [source rank, local expert, slot]; each expert takes all sources.
-            expert_in = (
-                received.reshape(world, local, capacity, d_model)
-                .transpose(0, 1)
-                .reshape(local, world * capacity, d_model)
-            )
-            expert_out = self.experts(expert_in)
-            outgoing = (
-                expert_out.reshape(local, world, capacity, d_model)
-                .transpose(0, 1)
-                .reshape(num_experts * capacity, d_model)
-            )
-            expert_out = self._all_to_all(outgoing).reshape(num_experts, capacity, d_model)
-        else:
-            expert_out = self.experts(dispatched)
-
-        combined = torch.einsum("sec,ecm->sm", combine_weights.to(x.dtype), expert_out)
+        if self.dispatch == "index":
+            combined, l_aux = self._forward_index(tokens)
+            return combined.reshape(shape), l_aux
+        # The gate builds its mask and weights in the compute dtype (routing itself in float32).
+        l_aux, combine_weights, dispatch_mask = self.gate(tokens, dtype=x.dtype)
+        dispatched = torch.einsum("sec,sm->ecm", dispatch_mask, tokens)  # [E, C, d]
+        expert_out = self._exchange(dispatched)
+        combined = torch.einsum("sec,ecm->sm", combine_weights, expert_out)
         return combined.reshape(shape), l_aux
+
+    def _forward_index(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dispatch by a gather and combine by a gather: no dense [T, E, C] tensor, the same
+        routing, slots and values as the einsums (a slot holds at most one token)."""
+        routing = self.gate(tokens, sparse=True)
+        num_tokens, d_model = tokens.shape
+        width = routing.num_experts * routing.capacity
+        # Dropped choices park on a scratch slot ``width`` that the gathers below never return.
+        slots = torch.where(routing.kept, routing.slots, torch.full_like(routing.slots, width))
+        token_ids = torch.arange(num_tokens, device=tokens.device).unsqueeze(1).expand_as(slots)
+        # The token of every slot; empty slots read the zero row ``num_tokens``.
+        source = torch.full((width + 1,), num_tokens, dtype=torch.long, device=tokens.device)
+        source = source.scatter(0, slots.reshape(-1), token_ids.reshape(-1))
+        padded = torch.cat([tokens, tokens.new_zeros(1, d_model)])
+        dispatched = padded.index_select(0, source[:width]).view(
+            routing.num_experts, routing.capacity, d_model
+        )
+        expert_out = self._exchange(dispatched)
+        padded_out = torch.cat([expert_out.reshape(width, d_model), expert_out.new_zeros(1, d_model)])
+        routed = padded_out.index_select(0, slots.t().reshape(-1)).view(-1, num_tokens, d_model)
+        # Products and the sum over choices in float32, as the einsum's matmul accumulates.
+        weights = routing.weights.to(tokens.dtype).float().t().unsqueeze(-1)
+        return (routed.float() * weights).sum(dim=0).to(tokens.dtype), routing.l_aux

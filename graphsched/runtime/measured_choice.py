@@ -114,9 +114,14 @@ class MeasuredChoice:
             raise ValueError("variants must share one calling convention")
         self._boxed_call = boxed.pop()
 
+    @staticmethod
+    def calls_to_decide(variants: int = 2, trials: int = 3) -> int:
+        """Calls after which the choice is made (each variant once untimed, then ``trials``)."""
+        return variants * (1 + trials)
+
     @property
     def _measuring_calls(self) -> int:
-        return len(self.names) * (1 + self.trials)
+        return self.calls_to_decide(len(self.names), self.trials)
 
     def _finish(self) -> None:
         mark = self.clock.mark()

@@ -100,7 +100,11 @@ def _compare(ref: Run, got: Run, bf16: bool) -> dict[str, Any]:
     (lr, gr), (lg, gg) = ref, got
     loss_diff = max(abs(a - b) / (1.0 if bf16 else max(abs(a), 1e-12)) for a, b in zip(lr, lg))
     worst_norm, worst_name, bitwise = 0.0, None, lr == lg
-    for a, b in zip(gr, gg):
+    # In bf16 the gradients are compared at the first step only, where the parameters are the
+    # same: each AdamW step rounds into bf16 weights, so runs whose gradients differ in the last
+    # bit drift apart (measured on an H200: a gate weight's gradient norm 10% apart after two
+    # steps between torch.compile and the oracle). Losses are compared at every step.
+    for a, b in zip(gr[:1] if bf16 else gr, gg[:1] if bf16 else gg):
         for n, ga in a.items():
             gb = b.get(n)
             if gb is None:
