@@ -495,7 +495,6 @@ def run_rewrite_on_inductor_classic(ctx: BenchContext, result: VariantResult) ->
 
     from graphsched.config import GraphschedConfig
     from graphsched.partition.chunking import make_graph_transform
-    from graphsched.partition.waits import inline_wait_functions
 
     patches = inductor_patches("classic")
     transform = make_graph_transform(GraphschedConfig(chunks="auto", cost_model="analytic",
@@ -503,7 +502,6 @@ def run_rewrite_on_inductor_classic(ctx: BenchContext, result: VariantResult) ->
     assert transform is not None
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
-        inline_wait_functions(gm)
         gm = transform(gm, example_inputs)
         decided = {rid: d.get("k") for rid, d in (gm.meta.get("graphsched_chunks") or {}).items()}
         result.notes.append(f"chunks per region: {decided}")

@@ -33,7 +33,7 @@ from graphsched.codegen.inductor import (
     resolve_codegen,
 )
 from graphsched.config import GraphschedConfig
-from graphsched.errors import ConfigError, GraphschedFallbackWarning, PlanMismatchError
+from graphsched.errors import ConfigError, GraphschedFallbackWarning, PlanMismatchError, UnwaitedCollectiveError
 from graphsched.plan import Plan
 from graphsched.fingerprint import check_same_graph
 from graphsched.runtime.agreement import keeps_alive, verify_same_plan
@@ -226,6 +226,8 @@ class GraphschedBackend:
             # (which talks to the other ranks) need real tensors.
             with unset_fake_temporarily():
                 analysis = analyse_graph(gm, name, kind, self.cost_fn, positions)
+        except UnwaitedCollectiveError:
+            raise  # running the graph as captured would be just as wrong: no fallback
         except Exception as exc:  # noqa: BLE001 - any analysis failure falls back, never crashes
             return self._fallback(name, kind, gm, None, f"analysis failed ({type(exc).__name__}: {exc})")
         codegen = resolve_codegen(self.config.codegen, device)

@@ -15,6 +15,11 @@ class PlanError(GraphschedError):
     """A plan does not fit the graph it is applied to (missing nodes, not topological, ...)."""
 
 
+class UnwaitedCollectiveError(GraphschedError):
+    """A captured graph reads a collective's result before its wait: running it as captured would
+    give timing-dependent numbers, so there is no safe fallback."""
+
+
 class PlanMismatchError(GraphschedError):
     """Ranks hold different plans; running them would deadlock the collectives."""
 

@@ -120,6 +120,25 @@ class _CustomOpMoE(nn.Module):
         return self.head(y).pow(2).mean() + 0.01 * aux
 
 
+def _train_side_by_side(eager, wrapped, batches, lr: float | None = 1e-2) -> dict:
+    """Both models on the same batches (tuples of arguments), an AdamW step after each when ``lr``
+    is given; the largest loss and gradient differences."""
+    opts = [torch.optim.AdamW(m.parameters(), lr=lr) for m in (eager, wrapped)] if lr else []
+    out = {"loss_diff": 0.0, "grad_diff": 0.0}
+    for args in batches:
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        le, lw = eager(*args), wrapped(*args)
+        le.backward()
+        lw.backward()
+        out["loss_diff"] = max(out["loss_diff"], abs(le.item() - lw.item()))
+        for pe, pw in zip(eager.parameters(), wrapped.parameters()):
+            out["grad_diff"] = max(out["grad_diff"], (pe.grad - pw.grad).abs().max().item())
+        for opt in opts:
+            opt.step()
+    return out
+
+
 def _custom_op_run(rank: int) -> dict:
     """Eager vs chunks=2 on the custom-op model; which nodes the forward graph holds."""
     import graphsched
@@ -130,22 +149,9 @@ def _custom_op_run(rank: int) -> dict:
     torch.manual_seed(7)
     wrapped = _CustomOpMoE(group)
     graphsched.wrap(wrapped, chunks=2)
-    opt_e = torch.optim.AdamW(eager.parameters(), lr=1e-2)
-    opt_w = torch.optim.AdamW(wrapped.parameters(), lr=1e-2)
-    out = {"loss_diff": 0.0, "grad_diff": 0.0}
-    for step in range(2):
-        gen = torch.Generator().manual_seed(100 * step + rank)
-        x = torch.randn(2, 8, _CustomOpMoE.D, generator=gen)
-        for opt in (opt_e, opt_w):
-            opt.zero_grad(set_to_none=True)
-        le, lw = eager(x), wrapped(x)
-        le.backward()
-        lw.backward()
-        out["loss_diff"] = max(out["loss_diff"], abs(le.item() - lw.item()))
-        for pe, pw in zip(eager.parameters(), wrapped.parameters()):
-            out["grad_diff"] = max(out["grad_diff"], (pe.grad - pw.grad).abs().max().item())
-        opt_e.step()
-        opt_w.step()
+    batches = [(torch.randn(2, 8, _CustomOpMoE.D, generator=torch.Generator().manual_seed(100 * step + rank)),)
+               for step in range(2)]
+    out = _train_side_by_side(eager, wrapped, batches)
     fwd = [gm for name, gm in graphsched.captured_graphs(wrapped).items() if name.endswith("forward")][0]
     custom = [n for n in fwd.graph.nodes if "soft_clip" in str(n.target)]
     out["custom_op_nodes"] = len(custom)
@@ -212,21 +218,7 @@ def _legacy_wait_run(rank: int) -> dict:
         return model
 
     eager, wrapped = build(), graphsched.wrap(build(), chunks=2)
-    opt_e = torch.optim.AdamW(eager.parameters(), lr=1e-2)
-    opt_w = torch.optim.AdamW(wrapped.parameters(), lr=1e-2)
-    out = {"loss_diff": 0.0, "grad_diff": 0.0}
-    for step in range(3):
-        idx, tgt = make_batch(config, 2, seed=10 * step + rank)
-        for opt in (opt_e, opt_w):
-            opt.zero_grad(set_to_none=True)
-        le, lw = eager(idx, tgt), wrapped(idx, tgt)
-        le.backward()
-        lw.backward()
-        out["loss_diff"] = max(out["loss_diff"], abs(le.item() - lw.item()))
-        for pe, pw in zip(eager.parameters(), wrapped.parameters()):
-            out["grad_diff"] = max(out["grad_diff"], (pe.grad - pw.grad).abs().max().item())
-        opt_e.step()
-        opt_w.step()
+    out = _train_side_by_side(eager, wrapped, [make_batch(config, 2, seed=10 * step + rank) for step in range(3)])
     plans = graphsched.captured_plans(wrapped)
     fwd = next(p for n, p in plans.items() if n.endswith("forward"))
     out["regions"] = [(d["k"], len(d["collectives"])) for d in fwd.options["chunks"].values()]
@@ -278,16 +270,7 @@ def _inplace_run(rank: int) -> dict:
         return model
 
     eager, wrapped = build(), graphsched.wrap(build(), chunks=2)
-    out = {"loss_diff": 0.0, "grad_diff": 0.0}
-    for step in range(2):
-        idx, tgt = make_batch(config, 2, seed=step + 10 * rank)
-        le, lw = eager(idx, tgt), wrapped(idx, tgt)
-        le.backward()
-        lw.backward()
-        out["loss_diff"] = max(out["loss_diff"], abs(le.item() - lw.item()))
-        out["grad_diff"] = max(out["grad_diff"], *((pe.grad - pw.grad).abs().max().item()
-                                                   for pe, pw in zip(eager.parameters(), wrapped.parameters())))
-    return out
+    return _train_side_by_side(eager, wrapped, [make_batch(config, 2, seed=step + 10 * rank) for step in range(2)], lr=None)
 
 
 # -- region and choice checks on the reference model's Dynamo graph ------------------------------

@@ -130,3 +130,21 @@ def test_measured_costs_plan_and_chunk_without_collectives_while_compiling(tmp_p
         assert all(v["scheduled"] for v in r.graph_stats.values())
         # Chunking may reorder the combine's float sums: the chunking tolerance, not bitwise.
         assert r.max_loss_diff <= 1e-5 and r.max_grad_diff <= 1e-5
+
+
+def test_a_graph_that_reads_a_collective_before_its_wait_is_refused_not_run():
+    import torch
+    import torch.fx as fx
+
+    from graphsched.analysis.graph import analyse_graph
+    from graphsched.analysis.labels import GraphKind
+    from graphsched.errors import UnwaitedCollectiveError
+
+    g = fx.Graph()
+    x = g.placeholder("x")
+    issue = g.call_function(torch.ops._c10d_functional.all_to_all_single.default, (x, [2, 2], [2, 2], "0"))
+    early = g.call_function(torch.ops.aten.add.Tensor, (issue, 1))  # reads the buffer in transfer
+    wait = g.call_function(torch.ops._c10d_functional.wait_tensor.default, (issue,))
+    g.output((g.call_function(torch.ops.aten.add.Tensor, (wait, early)),))
+    with pytest.raises(UnwaitedCollectiveError, match="before its wait_tensor"):
+        analyse_graph(fx.GraphModule(torch.nn.Module(), g), "g", GraphKind.FORWARD, lambda n: 1.0)

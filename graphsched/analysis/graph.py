@@ -26,7 +26,7 @@ from graphsched.analysis.labels import (
     node_kind,
     op_name,
 )
-from graphsched.errors import GraphschedError
+from graphsched.errors import UnwaitedCollectiveError
 
 CostFn = Callable[[fx.Node], float]
 
@@ -163,9 +163,11 @@ def _check_waited(graph: fx.Graph, dag: nx.DiGraph) -> None:
         if dag.nodes[n.name]["kind"] == NodeKind.COLLECTIVE_ISSUE:
             early = [u.name for u in n.users if not waited(u)]
             if early:
-                raise GraphschedError(
-                    f"{n.name}'s result is read by {early} before its wait_tensor; every "
-                    "functional collective must be waited before use"
+                raise UnwaitedCollectiveError(
+                    f"graphsched: {n.name}'s result is read by {early} before its wait_tensor, so "
+                    "the graph reads a buffer the transfer may still be writing. Every functional "
+                    "collective must be waited (funcol.wait_tensor or an AsyncCollectiveTensor's "
+                    "first use) before use; fix the model's collective calls."
                 )
 
 
