@@ -62,10 +62,14 @@ def _variant(
     options: dict[str, Any] = {}
     if name.endswith("slowlink"):
         # A one-rank group moves no data, so measured costs leave little to hide: plan as if each
-        # all-to-all took 2 ms (analytic compute costs), so that dW work moves into the windows.
+        # all-to-all took 2 ms (compute priced by the device's roofline), so that dW work moves
+        # into the windows. Priced as one CPU thread, gpu_medium's compute took 40 s and no
+        # window was worth filling.
+        from graphsched.analysis.costmodel import DeviceSpec
         from graphsched.testing.scheduling import CommHeavyCosts
 
-        options = {"cost_fn": CommHeavyCosts(comm_s=2e-3), "cost_model": "analytic"}
+        costs = CommHeavyCosts(comm_s=2e-3, spec=DeviceSpec.detect(device))
+        options = {"cost_fn": costs, "cost_model": "analytic"}
     graphsched.wrap(model, schedule=schedule, codegen=codegen, cache_dir=cache_dir, **options)
     return model, model
 
@@ -152,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--dtype", default="", help="override the preset's dtype (float32, bfloat16)")
     parser.add_argument("--out", default="inductor_check.json")
     parser.add_argument("--variants", default="", help="comma-separated subset (the oracle always runs)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
@@ -168,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                             rank=0, world_size=1)
     group = dist.group.WORLD
     config = get_preset(args.preset).replace(n_layers=args.layers)
+    if args.dtype:
+        config = config.replace(dtype=args.dtype)
     bf16 = config.dtype == "bfloat16"
     cache_dir = tempfile.mkdtemp(prefix="graphsched-inductor-check-")
     from torch._inductor import config as ic

@@ -21,11 +21,12 @@ class CommHeavyCosts:
     """Analytic compute costs, and collectives that take ``comm_s`` each (a slow link).
 
     ``scale`` multiplies every number: ranks given different scales hold different raw
-    measurements, as real ranks do.
+    measurements, as real ranks do. ``spec`` prices compute (default: one CPU thread); on a GPU
+    pass the GPU's spec, else compute is priced in CPU seconds and dwarfs any ``comm_s``.
     """
 
-    def __init__(self, comm_s: float = 2e-4, scale: float = 1.0) -> None:
-        self.model = CostModel(DeviceSpec.cpu(num_threads=1))
+    def __init__(self, comm_s: float = 2e-4, scale: float = 1.0, spec: DeviceSpec | None = None) -> None:
+        self.model = CostModel(spec if spec is not None else DeviceSpec.cpu(num_threads=1))
         self.comm_s = comm_s
         self.scale = scale
 
