@@ -77,8 +77,11 @@ def fit_emulated_link(
     return LinkFit(CommModel(per_kind), sizes, medians)
 
 
-def graphsched_cost_fn(comm: CommModel, device: torch.device, cache_dir: str | None = None) -> Callable[[Any], float]:
-    """graphsched's measured node costs, with collectives costed by ``comm``."""
+def graphsched_cost_fn(
+    comm: CommModel, device: torch.device, cache_dir: str | None = None, fused: bool = False
+) -> Callable[[Any], float]:
+    """graphsched's measured node costs, with collectives costed by ``comm`` (``fused``: for
+    graphs that run as inductor's code, as ``wrap`` chooses for them)."""
     from graphsched.analysis.cost_source import make_cost_fn
 
-    return make_cost_fn("measured", device, comm, cache_dir)
+    return make_cost_fn("measured", device, comm, cache_dir, fused=fused)

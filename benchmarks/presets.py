@@ -35,7 +35,10 @@ ALL_VARIANTS = (
     "graphsched-chunks4",
     "graphsched-full",
     "graphsched-inductor",
+    "graphsched-inductor-fusefree",
     "graphsched-inductor-chunks2",
+    "graphsched-inductor-chunks2-fusefree",
+    "graphsched-inductor-chunks4",
     "graphsched-inductor-auto",
     "graphsched-rewrite+inductor-classic",
 )

@@ -233,6 +233,8 @@ def variant_record(r: VariantResult, extra: dict[str, Any]) -> dict[str, Any]:
         "loss_error": r.loss_error,
         "notes": r.notes,
     }
+    if r.stream_profile is not None:
+        data["stream_profile"] = r.stream_profile
     if r.timing is not None:
         data.update(r.timing.to_dict())
     data.update(extra)

@@ -183,6 +183,7 @@ def run_benchmark(
     log: Callable[[str], None] = print,
     timeline_dir: str | None = None,
     quick: bool = False,
+    profile_dir: str | None = None,
 ) -> dict[str, Any]:
     """Run ``preset``'s variants; print the table; write and return the JSON record.
 
@@ -237,11 +238,11 @@ def run_benchmark(
         ctx = BenchContext(
             preset=preset, device=device, world=world, compute_only=compute_only, batch=batch,
             seed=seed, optimizer=optimizer, graphsched_costs=graphsched_costs,
-            timeline_dir=timeline_dir,
+            timeline_dir=timeline_dir, profile_dir=profile_dir,
         )
         link: dict[str, Any] = {"bandwidth_gbps": preset.bandwidth_gbps, "latency_us": latency_us}
         if device.type == "cuda":
-            from benchmarks.costs import fit_emulated_link, graphsched_cost_fn
+            from benchmarks.costs import fit_emulated_link
 
             link["copy_bandwidth_gbps"] = world.link.copy_bandwidth_gbps(device)
             if math.isfinite(preset.bandwidth_gbps):
@@ -251,7 +252,7 @@ def run_benchmark(
                 measured = link["all_to_all_fit"]["all_to_all_input_gbps"]
                 if measured:
                     link["all_to_all_wire_gbps"] = measured * (n - 1) / n
-                ctx.cost_fn = graphsched_cost_fn(fit.comm, device)
+                ctx.link_comm = fit.comm
                 from benchmarks.linkcheck import overlap_check
 
                 link["overlap_check"] = overlap_check(world, device)
@@ -353,6 +354,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "--out benchmarks/results/NAME.json)")
     p.add_argument("--timeline-dir", default=None,
                    help="write each graphsched variant's timeline (PNG + trace) of one step here")
+    p.add_argument("--profile-dir", default=None,
+                   help="GPU: profile one step of every variant after timing; kernel traces and a "
+                        "stream summary (link busy / overlapped / exposed) go here and in the JSON")
     p.add_argument("--list", action="store_true", help="list the presets and exit")
     return p.parse_args(argv)
 
@@ -386,6 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             graphsched_costs=args.graphsched_costs,
             timeline_dir=args.timeline_dir,
             quick=args.quick,
+            profile_dir=args.profile_dir,
         )
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None

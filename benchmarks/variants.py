@@ -64,11 +64,13 @@ class BenchContext:
     optimizer: str = "none"
     #: "emulated": graphsched costs its collectives with a fit of this group timed on the device
     graphsched_costs: str = "emulated"
-    cost_fn: Callable[[Any], float] | None = None
+    #: the emulated link's collective costs, fitted on the device (None: graphsched measures)
+    link_comm: Any = None
     #: the collectives of one eager step (filled by the eager variant, replayed by comm-only)
     step_calls: list[CollectiveCall] | None = None
     #: where graphsched variants write the predicted and measured timeline of one step
     timeline_dir: str | None = None
+    profile_dir: str | None = None
 
 
 @dataclass
@@ -92,6 +94,8 @@ class VariantResult:
     #: the largest deviation from the reference's losses found by report.check_losses
     loss_error: float | None = None
     notes: list[str] = field(default_factory=list)
+    #: with --profile-dir: what the streams did in one profiled step (benchmarks.stream_profile)
+    stream_profile: dict[str, Any] | None = None
 
     @property
     def median_ms(self) -> float | None:
@@ -224,6 +228,13 @@ def measure_model(
     before = _wire_totals(groups)
     result.timing = time_steps(step, ctx.device, warmup=0, steps=ctx.preset.steps, before=zero_grads)
     _per_step(result, before, _wire_totals(groups), ctx.preset.steps)
+    if ctx.profile_dir is not None and ctx.device.type == "cuda":
+        from benchmarks.stream_profile import profile_one_step
+
+        zero_grads()
+        path = os.path.join(ctx.profile_dir, f"{ctx.preset.name}_{result.name}.trace.json")
+        result.stream_profile = profile_one_step(step, path)
+        losses.pop()
     if ctx.device.type == "cuda":
         result.peak_memory_gb = torch.cuda.max_memory_allocated(ctx.device) / 2**30
     if losses:
@@ -407,11 +418,25 @@ def run_deepspeed(
             + ", ".join(f"{k}={v}" for k, v in options.items())
         )
         make_capturable(model)
-        cost_fn = ctx.cost_fn if ctx.graphsched_costs == "emulated" else None
-        graphsched.wrap(model, cost_fn=cost_fn, **options)
+        graphsched.wrap(model, cost_fn=graphsched_costs(ctx, options), **options)
     measure_model(ctx, result, model, groups)
     if graphsched_kind is not None:
         _note_plans(result, model)
+    if ctx.profile_dir is not None:
+        _dump_plans(os.path.join(ctx.profile_dir, f"{ctx.preset.name}_{result.name}.plans.json"), model)
+
+
+def graphsched_costs(ctx: BenchContext, options: dict[str, Any]) -> Callable[[Any], float] | None:
+    """The cost function a graphsched variant plans with: graphsched's own measured costs with the
+    emulated link's fitted collectives (None: graphsched measures its group itself)."""
+    if ctx.graphsched_costs != "emulated" or ctx.link_comm is None:
+        return None
+    from benchmarks.costs import graphsched_cost_fn
+    from graphsched.codegen.inductor import resolve_codegen
+
+    device = ctx.batch[0].device
+    fused = resolve_codegen(options.get("codegen", "auto"), device) == "inductor"
+    return graphsched_cost_fn(ctx.link_comm, device, fused=fused)
 
 
 def graphsched_options(kind: str) -> dict[str, Any]:
@@ -430,12 +455,21 @@ def graphsched_options(kind: str) -> dict[str, Any]:
             raise Skip("GraphschedConfig has no 'chunks' option in this version of graphsched")
         chunks: Any = {"chunks2": 2, "chunks4": 4, "full": "auto"}[kind]
         options = {"schedule": "ilp", "chunks": chunks, **aten}
-    elif kind in ("inductor", "inductor-chunks2", "inductor-auto"):
+    elif kind.startswith("inductor"):
+        # inductor[-chunks2|-chunks4|-auto][-fusefree]: fusefree lets inductor fuse across the
+        # plan's collective boundaries (the ablation of fusion_within_segments).
         if "codegen" not in fields:
             raise Skip("GraphschedConfig has no 'codegen' option in this version of graphsched")
         options = {"schedule": "ilp", "codegen": "inductor"}
-        if kind != "inductor":
-            options["chunks"] = 2 if kind == "inductor-chunks2" else "auto"
+        base, _, tail = kind.partition("-fusefree")
+        if tail or base not in ("inductor", "inductor-chunks2", "inductor-chunks4", "inductor-auto"):
+            raise ValueError(kind)
+        if base != "inductor":
+            options["chunks"] = {"inductor-chunks2": 2, "inductor-chunks4": 4}.get(base, "auto")
+        if kind.endswith("-fusefree"):
+            if "fusion_within_segments" not in fields:
+                raise Skip("GraphschedConfig has no 'fusion_within_segments' option in this version")
+            options["fusion_within_segments"] = False
     else:
         raise ValueError(kind)
     try:
@@ -443,6 +477,47 @@ def graphsched_options(kind: str) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - an option value this version refuses
         raise Skip(f"GraphschedConfig refuses {options}: {exc}") from None
     return options
+
+
+def _dump_plans(path: str, model: nn.Module) -> None:
+    """Each graph's plan (task order, options) and, under inductor, its kernel order with the
+    tasks every kernel holds: the plan side of a --profile-dir trace."""
+    import json
+
+    from graphsched.api import state_of
+
+    out: dict[str, Any] = {}
+    for g in state_of(model).capture.graphs:
+        report = g.inductor_report or {}
+        kernel_tasks = report.get("kernel_tasks", {})
+        out[g.name] = {
+            "tasks": [[t.name, t.kind, t.phase] for t in g.plan.tasks] if g.plan else None,
+            "options": {k: v for k, v in (g.plan.options if g.plan else {}).items() if k != "inductor"},
+            "kernel_order": [[k, kernel_tasks.get(k)] for k in report.get("kernel_order", [])],
+            "fallback": g.fallback_reason,
+            "predicted_costs_ms": _cost_breakdown(g),
+        }
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1, default=str)
+
+
+def _cost_breakdown(g: Any) -> dict[str, float] | None:
+    """The graph's planned costs in ms: matmul-class nodes, the rest of compute, collectives."""
+    if g.analysis is None:
+        return None
+    from graphsched.analysis.costmodel import is_collective_node, node_flops
+
+    nodes = {n.name: n for n in g.gm.graph.nodes}
+    out = {"matmul": 0.0, "other_compute": 0.0, "collectives": 0.0}
+    for name, cost in g.analysis.node_costs().items():
+        node = nodes.get(name)
+        if node is None:
+            continue
+        key = ("collectives" if is_collective_node(node)
+               else "matmul" if node_flops(node) > 0 else "other_compute")
+        out[key] += cost * 1e3
+    return {k: round(v, 3) for k, v in out.items()}
 
 
 def _note_plans(result: VariantResult, model: nn.Module) -> None:
@@ -464,8 +539,7 @@ def run_graphsched(ctx: BenchContext, result: VariantResult, kind: str) -> None:
     options["solver_time_limit_s"] = ctx.preset.solver_time_limit_s
     result.notes.append("graphsched options: " + ", ".join(f"{k}={v}" for k, v in options.items()))
     model = build_reference(ctx, ctx.world)
-    cost_fn = ctx.cost_fn if ctx.graphsched_costs == "emulated" else None
-    graphsched.wrap(model, cost_fn=cost_fn, **options)
+    graphsched.wrap(model, cost_fn=graphsched_costs(ctx, options), **options)
     if options.get("chunks") == "auto":
         # chunks="auto" times the chunked and the unchunked graph over its first steps
         # (runtime/measured_choice.py): run them before the timed steps, which see the choice.
@@ -476,9 +550,9 @@ def run_graphsched(ctx: BenchContext, result: VariantResult, kind: str) -> None:
             model.zero_grad(set_to_none=True)
     measure_model(ctx, result, model, [ctx.world])
     _note_plans(result, model)
+    if ctx.profile_dir is not None:
+        _dump_plans(os.path.join(ctx.profile_dir, f"{ctx.preset.name}_{result.name}.plans.json"), model)
     if ctx.timeline_dir is not None:
-        import os
-
         os.makedirs(ctx.timeline_dir, exist_ok=True)
         timelines = graphsched.timeline(model, step_fn=lambda: model(*ctx.batch).backward())
         base = os.path.join(ctx.timeline_dir, f"timeline_{ctx.preset.name}_{result.name}")
@@ -606,7 +680,10 @@ RUNNERS: dict[str, Callable[[BenchContext, VariantResult], None]] = {
     "graphsched-chunks4": lambda c, r: run_graphsched(c, r, "chunks4"),
     "graphsched-full": lambda c, r: run_graphsched(c, r, "full"),
     "graphsched-inductor": lambda c, r: run_graphsched(c, r, "inductor"),
+    "graphsched-inductor-fusefree": lambda c, r: run_graphsched(c, r, "inductor-fusefree"),
     "graphsched-inductor-chunks2": lambda c, r: run_graphsched(c, r, "inductor-chunks2"),
+    "graphsched-inductor-chunks2-fusefree": lambda c, r: run_graphsched(c, r, "inductor-chunks2-fusefree"),
+    "graphsched-inductor-chunks4": lambda c, r: run_graphsched(c, r, "inductor-chunks4"),
     "graphsched-inductor-auto": lambda c, r: run_graphsched(c, r, "inductor-auto"),
     "graphsched-rewrite+inductor-classic": run_rewrite_on_inductor_classic,
 }

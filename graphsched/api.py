@@ -129,6 +129,7 @@ def wrap(
     prepare_for_capture(model, allow_random_gating=config.schedule == "identity")
     log = CaptureLog()
     from graphsched.analysis.cost_source import make_cost_fn, measure_comm_model
+    from graphsched.codegen.inductor import resolve_codegen
     from graphsched.partition.chunking import make_graph_transform
 
     device = _model_device(model)
@@ -138,7 +139,8 @@ def wrap(
     backend = GraphschedBackend(
         config,
         planner or make_planner(config),
-        cost_fn or make_cost_fn(config.cost_model, device, comm, config.cache_dir),
+        cost_fn or make_cost_fn(config.cost_model, device, comm, config.cache_dir,
+                                fused=resolve_codegen(config.codegen, device) == "inductor"),
         log,
         graph_transform=make_graph_transform(config, comm),
     )

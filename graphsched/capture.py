@@ -5,8 +5,9 @@ backward graph in aten IR, with functional collectives as separate issue (``all_
 and wait (``wait_tensor``) nodes. graphsched is the AOTAutograd "compiler": for every graph it
 analyses, plans and returns a :class:`GraphExecutor` that runs the graph in the plan's order.
 
-The default partitioner is used (every intermediate the backward needs is saved, nothing is
-recomputed), so the backward runs exactly the ops eager autograd would.
+For the aten executor the default partitioner is used (every intermediate the backward needs is
+saved, nothing is recomputed), so the backward runs exactly the ops eager autograd would; graphs
+for inductor are partitioned as torch.compile does (``codegen.inductor.partition_fn_for``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 from torch._dynamo.backends.common import aot_autograd
-from torch._functorch.partitioners import default_partition
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from graphsched.analysis.graph import CostFn, GraphAnalysis, analyse_graph
@@ -30,6 +30,7 @@ from graphsched.codegen.inductor import (
     compile_plan,
     inductor_aot_options,
     inductor_deterministic,
+    partition_fn_for,
     resolve_codegen,
 )
 from graphsched.config import GraphschedConfig
@@ -181,13 +182,14 @@ class GraphschedBackend:
     def _aot(self, gm: fx.GraphModule, example_inputs: Sequence[Any], name: str, param_mask: list[bool],
              device: torch.device, decisions: Any) -> Callable[..., Any]:
         compile_ = partial(self._compile, name, param_mask, device, decisions)
+        codegen = resolve_codegen(self.config.codegen, device)
         backend = aot_autograd(
             fw_compiler=partial(compile_, GraphKind.FORWARD),
             bw_compiler=partial(compile_, GraphKind.BACKWARD),
             inference_compiler=partial(compile_, GraphKind.INFERENCE),
-            partition_fn=default_partition,
-            # Inductor lowers graphs traced with its decompositions (as torch.compile does).
-            **inductor_aot_options(resolve_codegen(self.config.codegen, device)),
+            # Inductor gets torch.compile's partitioner and decompositions: torch.compile's graphs.
+            partition_fn=partition_fn_for(codegen),
+            **inductor_aot_options(codegen),
         )
         return backend(gm, example_inputs)
 
@@ -277,7 +279,8 @@ class GraphschedBackend:
         """The plan as inductor's code; None (after one warning) when inductor cannot do it."""
         try:
             compiled, order = compile_plan(
-                gm, example_inputs, kind, plan, analysis, verify_same_plan, self._inductor_deterministic
+                gm, example_inputs, kind, plan, analysis, verify_same_plan, self._inductor_deterministic,
+                fusion_within_segments=self.config.fusion_within_segments,
             )
         except Exception as exc:  # noqa: BLE001 - the aten executor runs the same plan
             self._warn_inductor(name, exc)

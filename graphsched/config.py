@@ -58,6 +58,10 @@ class GraphschedConfig:
     agreement_timeout_s: float = 60.0
     #: What runs the plans: one of CODEGENS (see docs/inductor.md).
     codegen: str = "auto"
+    #: With inductor code: refuse fusions that join work planned on two sides of a collective's
+    #: issue or wait (a fused kernel runs where its latest part is planned, so such a fusion moves
+    #: dW work out of its window or chunk 0 behind chunk 1); False: inductor fuses freely.
+    fusion_within_segments: bool = True
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -132,6 +136,7 @@ _TYPES: dict[str, tuple[Any, str]] = {
                             "a number of seconds > 0"),
     "measure_chunks": (lambda v: isinstance(v, bool), "True or False"),
     "codegen": (lambda v: isinstance(v, str), f"one of the strings {', '.join(CODEGENS)}"),
+    "fusion_within_segments": (lambda v: isinstance(v, bool), "True or False"),
 }
 
 

@@ -33,6 +33,8 @@ from graphsched.analysis.costmodel import (
     analytic_cost,
     collective_bytes,
     collective_kind,
+    fused_node_bytes,
+    is_compute_node,
     is_view_node,
     node_bytes,
     node_flops,
@@ -182,6 +184,22 @@ def test_broadcast_input_counts_its_memory_once():
     )
     (add,) = call_nodes(gm, aten.add)
     assert node_bytes(add) == 4 * (1000 * 8 + 8 + 1000 * 8)
+
+
+def test_fused_bytes_count_only_what_crosses_a_fused_kernels_edge():
+    # mm -> relu -> (view) -> mul -> mm: relu and mul fuse into one kernel that reads the first
+    # mm's output and writes what the second mm reads; the value between them never hits memory.
+    def f(a, b, c):
+        return torch.mm((torch.relu(a @ b).view(64, 64) * 2.0), c)
+
+    gm = make_fx(f, tracing_mode="fake")(torch.randn(64, 64), torch.randn(64, 64), torch.randn(64, 64))
+    fusable = lambda n: is_compute_node(n) and node_flops(n) == 0  # noqa: E731
+    (relu,) = call_nodes(gm, aten.relu)
+    (mul,) = call_nodes(gm, aten.mul)
+    tile = 64 * 64 * 4
+    assert fused_node_bytes(relu, fusable) == tile  # reads the mm's output, writes nothing
+    assert fused_node_bytes(mul, fusable) == tile  # reads nothing, writes the second mm's input
+    assert node_bytes(relu) == node_bytes(mul) == 2 * tile  # unfused: each reads and writes
 
 
 def mock_collective_graph() -> tuple[fx.Graph, dict[str, fx.Node]]:

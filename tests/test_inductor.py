@@ -220,3 +220,88 @@ def test_a_failing_order_pass_keeps_inductors_order():
     nodes = [s0, s1]
     assert order(nodes) == nodes
     assert "error" in order.report
+
+
+class _WaitKernel(_IR):
+    """Named as inductor's wait IR node."""
+
+
+def test_collectives_are_issued_as_soon_as_their_inputs_exist_and_waited_just_before_use():
+    # The plan issues the all-to-all after an unrelated kernel and waits right after the issue;
+    # what runs issues it right after its input and waits only where its result is read.
+    tasks = [
+        Task("a.dX", ["n0"], kind="compute", phase="input_grad"),
+        Task("b.dW", ["n1"], kind="compute", phase="weight_grad"),
+        Task("ffn.all_to_all_single", ["n2"], COMM_STREAM, "collective_issue", "input_grad"),
+        Task("ffn.wait", ["n3"], kind="collective_wait", phase="input_grad"),
+        Task("c.dW", ["n4"], kind="compute", phase="weight_grad"),
+        Task("x.dX", ["n5"], kind="compute", phase="input_grad"),
+    ]
+    plan = Plan("g.backward", "h", tasks, costs={f"n{i}": 1e-3 for i in range(6)})
+    analysis = SimpleNamespace(collectives=[SimpleNamespace(issue="n2", wait="n3")])
+    s0, s1 = _SNode("s0", ["n0"]), _SNode("s1", ["n1"])
+    s2 = _SNode("s2", ["n2"], ["s0"], _CollectiveKernel)
+    s3, s4 = _SNode("s3", ["n3"], ["s2"], _WaitKernel), _SNode("s4", ["n4"])
+    s5 = _SNode("s5", ["n5"], ["s3"])
+    nodes = [s0, s1, s2, s3, s4, s5]
+    as_planned = InductorPlanOrder(plan, analysis, early_issue_late_wait=False)
+    assert [s.name for s in as_planned(list(nodes))] == ["s0", "s1", "s2", "s3", "s4", "s5"]
+    moved = InductorPlanOrder(plan, analysis)
+    assert [s.name for s in moved(list(nodes))] == ["s0", "s2", "s1", "s4", "s3", "s5"]
+
+
+def test_collectives_keep_the_plans_order_among_themselves_when_moved_early():
+    # Two independent all-to-alls: the plan issues B (input ready late) before A (input ready
+    # early); moving issues early must not swap them (every rank issues in the plan's order).
+    tasks = [
+        Task("a.dX", ["n0"], kind="compute", phase="input_grad"),
+        Task("b.dX", ["n1"], kind="compute", phase="input_grad"),
+        Task("B.all_to_all_single", ["n2"], COMM_STREAM, "collective_issue", "input_grad"),
+        Task("A.all_to_all_single", ["n3"], COMM_STREAM, "collective_issue", "input_grad"),
+    ]
+    plan = Plan("g.backward", "h", tasks, costs={f"n{i}": 1e-3 for i in range(4)})
+    analysis = SimpleNamespace(collectives=[SimpleNamespace(issue="n2", wait=None),
+                                            SimpleNamespace(issue="n3", wait=None)])
+    s0, s1 = _SNode("s0", ["n0"]), _SNode("s1", ["n1"])
+    sA, sB = _SNode("sA", ["n3"], ["s0"], _CollectiveKernel), _SNode("sB", ["n2"], ["s1"], _CollectiveKernel)
+    out = [s.name for s in InductorPlanOrder(plan, analysis)([s0, sA, s1, sB])]
+    assert out.index("sB") < out.index("sA"), out
+
+
+def test_a_later_chunks_issue_and_the_kernel_making_its_input_go_ahead_of_earlier_chunks_work():
+    # Chunked dispatch: the plan issues chunk 1 after chunk 0's experts. A collective's stream
+    # first waits for all compute launched before it, so chunk 1 would wait for those experts;
+    # what runs issues both chunks (with the slice kernel feeding chunk 1) before any experts.
+    tasks = [
+        Task("gate.fwd", ["n0"], kind="compute"),
+        Task("ffn.all_to_all_single", ["n1", "n2"], COMM_STREAM, "collective_issue"),
+        Task("ffn.wait", ["n4"], kind="collective_wait"),
+        Task("experts.fwd", ["n5"], kind="compute"),
+        Task("ffn.all_to_all_single[1]", ["n3", "n6"], COMM_STREAM, "collective_issue"),
+        Task("ffn.wait[1]", ["n7"], kind="collective_wait"),
+        Task("experts.fwd[1]", ["n8"], kind="compute"),
+    ]
+    plan = Plan("g.forward", "h", tasks, costs={f"n{i}": 1e-3 for i in range(9)})
+    analysis = SimpleNamespace(collectives=[SimpleNamespace(issue="n2", wait="n4"),
+                                            SimpleNamespace(issue="n6", wait="n7")])
+    gate, in0 = _SNode("gate", ["n0"]), _SNode("in0", ["n1"], ["gate"])
+    d0 = _SNode("d0", ["n2"], ["in0"], _CollectiveKernel)
+    in1 = _SNode("in1", ["n3"], ["gate"])
+    w0 = _SNode("w0", ["n4"], ["d0"], _WaitKernel)
+    e0 = _SNode("e0", ["n5"], ["w0"])
+    d1 = _SNode("d1", ["n6"], ["in1"], _CollectiveKernel)
+    w1 = _SNode("w1", ["n7"], ["d1"], _WaitKernel)
+    e1 = _SNode("e1", ["n8"], ["w1"])
+    nodes = [gate, in0, d0, in1, w0, e0, d1, w1, e1]
+    as_planned = InductorPlanOrder(plan, analysis, early_issue_late_wait=False)
+    assert [s.name for s in as_planned(list(nodes))] == [
+        "gate", "in0", "d0", "w0", "e0", "in1", "d1", "w1", "e1"]
+    pipelined = [s.name for s in InductorPlanOrder(plan, analysis)(list(nodes))]
+    assert pipelined == ["gate", "in0", "d0", "in1", "d1", "w0", "e0", "w1", "e1"], pipelined
+
+
+def test_a_cycle_in_the_dependencies_is_reported_not_looped_on():
+    s0, s1 = _SNode("s0", ["n0"], ["s1"]), _SNode("s1", ["n1"], ["s0"], _CollectiveKernel)
+    order = InductorPlanOrder(_plan(), _ANALYSIS)
+    assert order([s0, s1]) == [s0, s1]
+    assert "cycle" in order.report["error"]

@@ -108,6 +108,7 @@ BAD_TYPES = {
     "agreement_timeout_s": 0,
     "measure_chunks": "yes",
     "codegen": 1,
+    "fusion_within_segments": "no",
 }
 
 

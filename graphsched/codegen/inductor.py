@@ -81,6 +81,24 @@ def inductor_aot_options(codegen: str) -> dict[str, Any]:
     return {"decompositions": select_decomp_table()}
 
 
+def partition_fn_for(codegen: str) -> Callable[..., Any]:
+    """AOTAutograd's partitioner for graphs that ``codegen`` runs.
+
+    The aten executor: ``default_partition`` (the backward runs the ops eager autograd runs,
+    nothing recomputed: eager's numerics). Inductor: the partitioner ``torch.compile`` uses
+    (inductor's joint-graph passes, then min-cut rematerialisation), so graphsched's kernels are
+    torch.compile's kernels; with ``default_partition`` inductor's step computed 1 ms more on
+    gpu-smoke (an H200: 211 kernels against 188, the loss backward unfused).
+    """
+    if codegen == "inductor":
+        from torch._inductor.compile_fx import partition_fn
+
+        return partition_fn
+    from torch._functorch.partitioners import default_partition
+
+    return default_partition
+
+
 def inductor_settings(order_pass: Callable[[list[Any]], list[Any]] | None) -> dict[str, Any]:
     """The inductor config graphsched compiles under; ``order_pass=None`` keeps inductor's order.
 
@@ -113,17 +131,22 @@ def compile_graph(
     example_inputs: Sequence[Any],
     kind: GraphKind,
     order_pass: Callable[[list[Any]], list[Any]] | None = None,
+    fusion_guard: "PlanSegments | None" = None,
 ) -> Callable[[list[Any]], Any]:
     """Compile one AOTAutograd graph with inductor (what ``torch.compile``'s compilers call).
 
     Returns inductor's boxed callable. ``gm`` is left untouched: inductor's post-grad passes
     rewrite the graph in place, so a copy (same node names) is what inductor gets.
+    ``fusion_guard``: fusions that would join work of two plan segments are refused.
     """
+    import contextlib
+
     from torch._inductor import config as ic
     from torch._inductor.compile_fx import compile_fx_inner
 
     copied = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
-    with ic.patch(inductor_settings(order_pass)):
+    choices = contextlib.nullcontext() if fusion_guard is None else _plan_choices(fusion_guard)
+    with ic.patch(inductor_settings(order_pass)), choices:
         return compile_fx_inner(
             copied,
             list(example_inputs),
@@ -132,18 +155,75 @@ def compile_graph(
         )
 
 
+# --------------------------------------------------------------------------------------------
+# Fusion that respects the plan.
+
+
+@dataclass
+class PlanSegments:
+    """The plan cut at every collective issue and wait: fusion stays inside one segment.
+
+    Inductor fuses before the order pass runs. A kernel that joins work planned on two sides of a
+    collective's issue or wait must run at the later side: a deferred weight gradient leaves its
+    all-to-all window, or (chunked) chunk 0's experts fused with chunk 1's wait for chunk 1's
+    dispatch, so chunk 0's combine is issued late and nothing overlaps. Refusing exactly those
+    fusions keeps every other fusion inductor would make.
+    """
+
+    plan: Plan
+    analysis: GraphAnalysis | None = None
+    refused: int = 0
+    _segment_of: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        position = {name: i for i, t in enumerate(self.plan.tasks) for name in t.nodes}
+        bounds: set[int] = set()
+        for c in self.analysis.collectives if self.analysis is not None else ():
+            for name in (c.issue, c.wait):
+                if name is not None and name in position:
+                    bounds.add(position[name])
+        cuts = sorted(bounds)
+        import bisect
+
+        self._segment_of = {name: bisect.bisect_right(cuts, p) for name, p in position.items()}
+
+    def segments(self, snode: Any) -> set[int]:
+        return {self._segment_of[o] for o in origin_names(snode) if o in self._segment_of}
+
+    def allows(self, node1: Any, node2: Any) -> bool:
+        s1, s2 = self.segments(node1), self.segments(node2)
+        if len(s1 | s2) <= 1 or s1 == s2:
+            return True
+        self.refused += 1
+        return False
+
+
+def _plan_choices(guard: PlanSegments) -> Any:
+    """Inductor's heuristics with ``guard`` consulted first, installed for one compile."""
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.virtualized import V
+
+    class _PlanChoices(InductorChoices):
+        def can_fuse(self, scheduler: Any, node1: Any, node2: Any, shared_data_score: int) -> bool:  # type: ignore[override]
+            return guard.allows(node1, node2) and InductorChoices.can_fuse(
+                scheduler, node1, node2, shared_data_score
+            )
+
+    return V.set_choices_handler(_PlanChoices())
+
+
 def inductor_oracle_backend() -> Callable[..., Any]:
     """A ``torch.compile`` backend: inductor in its own order, through graphsched's AOTAutograd.
 
-    The same partitioner as graphsched (``default_partition``: the backward runs the ops eager
-    autograd would, nothing recomputed) and the same inductor settings, but no order pass: what
-    graphsched-on-inductor must match bitwise where only the order of kernels differs.
-    ``torch.compile(backend="inductor")`` partitions with min-cut (recomputation), another graph.
+    The same partitioner as graphsched-on-inductor (``partition_fn_for("inductor")``: torch.compile's)
+    and the same inductor settings, but no order pass: what graphsched-on-inductor must match
+    bitwise where only the order of kernels differs. ``torch.compile(backend="inductor")``
+    differs from it only by those settings (``reorder_for_compute_comm_overlap`` changes two
+    lowerings).
     """
     from functools import partial
 
     from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.partitioners import default_partition
 
     def compiler(kind: GraphKind, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
         return compile_graph(gm, example_inputs, kind, None)
@@ -152,7 +232,7 @@ def inductor_oracle_backend() -> Callable[..., Any]:
         fw_compiler=partial(compiler, GraphKind.FORWARD),
         bw_compiler=partial(compiler, GraphKind.BACKWARD),
         inference_compiler=partial(compiler, GraphKind.INFERENCE),
-        partition_fn=default_partition,
+        partition_fn=partition_fn_for("inductor"),
         **inductor_aot_options("inductor"),
     )
 
@@ -297,6 +377,8 @@ class InductorPlanOrder:
 
     plan: Plan
     analysis: GraphAnalysis | None = None
+    #: collectives issued as soon as their inputs are made, waits just before their first reader
+    early_issue_late_wait: bool = True
     called: bool = False
     report: dict[str, Any] = field(default_factory=dict)
 
@@ -318,6 +400,8 @@ class InductorPlanOrder:
         wanted = [float(ts[-1]) if ts else math.inf for ts in tasks_of]
         deps, unresolved = dependency_edges(snodes)
         self._prefer_windows(wanted, tasks_of, deps)
+        if self.early_issue_late_wait:
+            deps = issue_early_wait_late(snodes, wanted, deps)
         order = order_by_wanted_position(wanted, deps)
         result = [snodes[i] for i in order]
         self.report = self._describe(snodes, order, tasks_of, unresolved)
@@ -441,6 +525,101 @@ class InductorPlanOrder:
         }
 
 
+def issue_early_wait_late(
+    snodes: Sequence[Any], wanted: list[float], deps: list[set[int]]
+) -> list[set[int]]:
+    """Collective issues, with the kernels making their inputs, move up to just after their
+    latest input; waits down to just before their first reader; the collectives keep the plan's
+    order among themselves.
+
+    The plan's own model is indifferent to where inside its slack an issue or a wait sits, but the
+    device is not: a plan made from costs that are off (eager costs for fused kernels) can leave
+    an issue behind compute that does not feed it, and the link idle meanwhile. Issuing early
+    never delays compute (the link is its own stream), and waiting late never delays the link.
+    ``wanted`` is changed in place; returns ``deps`` with the order edges between collectives.
+    """
+    issues = [i for i, sn in enumerate(snodes) if _is_collective_kernel(sn)]
+    waits = set(i for i, sn in enumerate(snodes) if _is_wait_kernel(sn))
+    planned = sorted(issues, key=lambda i: (wanted[i], i))
+    deps = [set(d) for d in deps]
+    ancestors = _ancestor_sets(deps)
+    # An issue and the kernels that make its inputs go as early as their own inputs allow: on the
+    # device a collective's stream first waits for everything launched before it on the compute
+    # stream (NCCL's and the emulated link's issue alike), so compute launched ahead of an issue
+    # it does not feed delays the transfer (measured on an H200: chunk 2's dispatch waited for
+    # chunk 0's experts and the link sat idle between chunks). Waits stay where the plan has them
+    # for this purpose, so nothing pulled moves ahead of a window's work.
+    plan_position = list(wanted)
+    cone = set(issues).union(*(ancestors[i] for i in issues)) - waits
+    for j in range(len(snodes)):  # inductor's order is topological
+        if j in cone:
+            inputs = [plan_position[k] if k in waits else wanted[k] for k in deps[j]]
+            inputs = [w for w in inputs if math.isfinite(w)]
+            earliest = max(inputs) if inputs else -math.inf
+            wanted[j] = earliest if j in issues else min(wanted[j], earliest)
+    for i in waits:
+        wanted[i] = math.inf  # its position becomes its first reader's (order_by_wanted_position)
+    for a, b in zip(planned, planned[1:]):
+        if b in ancestors[a]:
+            continue  # the data puts b first: nothing to keep
+        if a not in ancestors[b]:
+            deps[b].add(a)
+            ancestors = _add_edge(ancestors, deps, a, b)
+        wanted[b] = max(wanted[b], wanted[a])
+    return deps
+
+
+def _ancestor_sets(deps: Sequence[set[int]]) -> list[set[int]]:
+    """Every node's transitive dependencies; ``deps`` must be acyclic (inductor's nodes are)."""
+    memo: list[set[int] | None] = [None] * len(deps)
+    open_: set[int] = set()
+
+    def visit(i: int) -> set[int]:
+        stack = [(i, False)]
+        while stack:
+            k, done = stack.pop()
+            if memo[k] is not None:
+                continue
+            if not done:
+                if k in open_:
+                    raise RuntimeError("graphsched: the scheduler nodes' dependencies have a cycle")
+                open_.add(k)
+            if done:
+                open_.discard(k)
+                acc: set[int] = set()
+                for j in deps[k]:
+                    acc.add(j)
+                    acc |= memo[j] or set()
+                memo[k] = acc
+            else:
+                stack.append((k, True))
+                stack.extend((j, False) for j in deps[k] if memo[j] is None)
+        return memo[i] or set()
+
+    return [visit(i) for i in range(len(deps))]
+
+
+def _add_edge(ancestors: list[set[int]], deps: Sequence[set[int]], a: int, b: int) -> list[set[int]]:
+    """``ancestors`` after the edge a -> b: b and everything that depends on b gain a's set."""
+    gained = ancestors[a] | {a}
+    for k in range(len(deps)):
+        if k == b or b in ancestors[k]:
+            ancestors[k] |= gained
+    return ancestors
+
+
+def _is_wait_kernel(snode: Any) -> bool:
+    ir = getattr(snode, "node", None)
+    try:
+        from torch._inductor.utils import is_wait
+
+        if ir is not None and is_wait(ir):
+            return True
+    except Exception:  # noqa: BLE001 - older or newer inductor
+        pass
+    return type(ir).__name__ == "_WaitKernel"
+
+
 def _is_collective_kernel(snode: Any) -> bool:
     ir = getattr(snode, "node", None)
     try:
@@ -477,7 +656,7 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
     keys = (
         "kernels", "order_changed", "unmapped_kernels", "kernels_spanning_tasks",
         "weight_grad_tasks_planned_in_windows", "weight_grad_tasks_pulled_out",
-        "unresolved_dependencies", "task_kernels", "predicted_time", "error",
+        "unresolved_dependencies", "task_kernels", "predicted_time", "fusions_refused", "error",
     )
     out = {k: report[k] for k in keys if k in report}
     if "weight_grad_tasks_pulled_out" in out:
@@ -510,6 +689,7 @@ def compile_plan(
     analysis: GraphAnalysis | None,
     verify_plan: Callable[[Plan], None] | None = None,
     deterministic: bool | None = None,
+    fusion_within_segments: bool = True,
 ) -> tuple[Callable[[list[Any]], Any], InductorPlanOrder]:
     """Compile ``gm`` with inductor, its kernels emitted in ``plan``'s order.
 
@@ -517,6 +697,7 @@ def compile_plan(
     pass was not called or failed: the caller then runs the plan on the aten executor.
     ``deterministic``: inductor's deterministic flag as the user's thread sees it (inductor's
     config is thread-local and the backward may compile on autograd's thread); None reads it here.
+    ``fusion_within_segments``: refuse fusions across a collective's issue or wait (PlanSegments).
     """
     if deterministic is None:
         deterministic = inductor_deterministic()
@@ -526,7 +707,10 @@ def compile_plan(
             "passes graphsched's order runs in"
         )
     order = InductorPlanOrder(plan, analysis)
-    compiled = compile_graph(gm, example_inputs, kind, order)
+    guard = PlanSegments(plan, analysis) if fusion_within_segments else None
+    compiled = compile_graph(gm, example_inputs, kind, order, guard)
+    if guard is not None:
+        order.report["fusions_refused"] = guard.refused
     if not order.called:
         raise RuntimeError("inductor never called graphsched's order pass (a cached or changed compile path)")
     if "error" in order.report:
