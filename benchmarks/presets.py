@@ -65,6 +65,9 @@ QUICK_VARIANTS = (
 QUICK_STEPS = {"warmup": 2, "steps": 5, "solver_time_limit_s": 5.0}
 
 
+MODEL_FAMILIES = ("reference", "swiglu")
+
+
 @dataclass(frozen=True)
 class BenchPreset:
     """One benchmark configuration; ``python -m benchmarks.run --preset NAME`` runs it."""
@@ -86,8 +89,16 @@ class BenchPreset:
     #: graphsched's ILP time limit per graph, seconds (GraphschedConfig.solver_time_limit_s)
     solver_time_limit_s: float = 20.0
     notes: tuple[str, ...] = field(default_factory=tuple)
+    #: the graphsched-side model: "reference" (MoEGPT) or "swiglu" (SwiGLUMoEGPT: RMSNorm, SwiGLU
+    #: experts, a shared expert), the second model every scheduling choice is tried on
+    model_family: str = "reference"
 
     def __post_init__(self) -> None:
+        if self.model_family not in MODEL_FAMILIES:
+            raise ConfigError(
+                f"preset {self.name!r}: model_family={self.model_family!r} is not one of "
+                f"{list(MODEL_FAMILIES)} (e.g. --set model_family=swiglu)."
+            )
         unknown = [v for v in self.variants if v not in ALL_VARIANTS]
         if unknown:
             raise ConfigError(

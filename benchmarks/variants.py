@@ -148,6 +148,10 @@ def loss_reference_of(name: str) -> str | None:
 
 def build_reference(ctx: BenchContext, group: dist.ProcessGroup) -> MoEGPT:
     torch.manual_seed(ctx.seed)
+    if ctx.preset.model_family == "swiglu":
+        from graphsched.models.swiglu_moe import SwiGLUMoEGPT
+
+        return SwiGLUMoEGPT(ctx.preset.model, process_group=group).to(ctx.device)
     model = MoEGPT(ctx.preset.model, process_group=group)
     return model.to(ctx.device)
 

@@ -447,6 +447,9 @@ def test_presets_and_overrides():
     assert changed.batch_size == 2 and changed.model.n_layers == 3
     with pytest.raises(ConfigError, match="virtual_size"):
         apply_overrides(get_bench_preset("tiny-cpu"), ["virtual_size=3"])
+    assert apply_overrides(get_bench_preset("tiny-cpu"), ["model_family=swiglu"]).model_family == "swiglu"
+    with pytest.raises(ConfigError, match="model_family=swiglu"):
+        apply_overrides(get_bench_preset("tiny-cpu"), ["model_family=mixtral"])
     with pytest.raises(ConfigError, match="unknown benchmark preset"):
         get_bench_preset("huge")
     with pytest.raises(ConfigError, match="CUDA"):
