@@ -20,8 +20,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
-from torch._dynamo.backends.common import aot_autograd
-from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from graphsched.analysis.graph import CostFn, GraphAnalysis, analyse_graph
 from graphsched.analysis.labels import GraphKind
@@ -33,6 +31,7 @@ from graphsched.codegen.inductor import (
     partition_fn_for,
     resolve_codegen,
 )
+from graphsched.compat import aot_autograd, unset_fake_temporarily
 from graphsched.config import GraphschedConfig
 from graphsched.errors import ConfigError, GraphschedFallbackWarning, PlanMismatchError, UnwaitedCollectiveError
 from graphsched.plan import Plan

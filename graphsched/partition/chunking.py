@@ -40,10 +40,10 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 import torch.fx as fx
 from torch.utils import flop_counter
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from graphsched.analysis.commmodel import CommModel
 from graphsched.analysis.costmodel import DeviceSpec, flat_tensors, footprint_bytes
+from graphsched.compat import TorchDispatchMode
 from graphsched.config import GraphschedConfig
 from graphsched.errors import ConfigError, GraphschedError, GraphschedFallbackWarning
 from graphsched.partition.ilp import solve
