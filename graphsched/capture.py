@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
+from graphsched.analysis.costmodel import device_of
 from graphsched.analysis.graph import CostFn, GraphAnalysis, analyse_graph
 from graphsched.analysis.labels import GraphKind
 from graphsched.codegen.inductor import (
@@ -95,13 +96,6 @@ def _boxed(gm: fx.GraphModule) -> Callable[[list[Any]], Any]:
     return run
 
 
-def _device_of(example_inputs: Sequence[Any]) -> torch.device:
-    for x in example_inputs:
-        if isinstance(x, torch.Tensor):
-            return x.device
-    return torch.device("cpu")
-
-
 def _output_count(gm: fx.GraphModule) -> int:
     out = next(n for n in gm.graph.nodes if n.op == "output")
     args = out.args[0]
@@ -140,7 +134,7 @@ class GraphschedBackend:
         param_mask = [True] * n_params + [False] * n_buffers + [
             isinstance(x, torch.nn.Parameter) for x in example_inputs
         ]
-        device = _device_of(example_inputs)
+        device = device_of(example_inputs)
         # Read in the user's thread: inductor's config is thread-local, and AOTAutograd may compile
         # the backward on autograd's thread.
         self._inductor_deterministic = inductor_deterministic()

@@ -25,7 +25,6 @@ segments) and for the compile-cache choice.
 from __future__ import annotations
 
 import copy
-import heapq
 import logging
 import math
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from graphsched.analysis.graph import GraphAnalysis
+from graphsched.analysis.graph import GraphAnalysis, ordered_topological_sort
 from graphsched.analysis.labels import GraphKind
 from graphsched.config import CODEGENS
 from graphsched.plan import Plan
@@ -347,17 +346,7 @@ def order_by_wanted_position(
         for u in users[i]:
             if effective[u] < effective[i]:
                 effective[i] = effective[u]
-    pending = [len(ds) for ds in deps]
-    ready = [(effective[i], wanted[i], i) for i in range(n) if pending[i] == 0]
-    heapq.heapify(ready)
-    order: list[int] = []
-    while ready:
-        _, _, i = heapq.heappop(ready)
-        order.append(i)
-        for u in users[i]:
-            pending[u] -= 1
-            if pending[u] == 0:
-                heapq.heappush(ready, (effective[u], wanted[u], u))
+    order = ordered_topological_sort(range(n), users.__getitem__, lambda i: (effective[i], wanted[i], i))
     if len(order) != n:
         raise RuntimeError(
             f"graphsched: the scheduler nodes' dependencies have a cycle ({n - len(order)} nodes "
