@@ -20,9 +20,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
-from torch._dynamo.backends.common import aot_autograd
-from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from graphsched.analysis.costmodel import device_of
 from graphsched.analysis.graph import CostFn, GraphAnalysis, analyse_graph
 from graphsched.analysis.labels import GraphKind
 from graphsched.codegen.inductor import (
@@ -33,6 +32,7 @@ from graphsched.codegen.inductor import (
     partition_fn_for,
     resolve_codegen,
 )
+from graphsched.compat import aot_autograd, unset_fake_temporarily
 from graphsched.config import GraphschedConfig
 from graphsched.errors import ConfigError, GraphschedFallbackWarning, PlanMismatchError, UnwaitedCollectiveError
 from graphsched.plan import Plan
@@ -96,13 +96,6 @@ def _boxed(gm: fx.GraphModule) -> Callable[[list[Any]], Any]:
     return run
 
 
-def _device_of(example_inputs: Sequence[Any]) -> torch.device:
-    for x in example_inputs:
-        if isinstance(x, torch.Tensor):
-            return x.device
-    return torch.device("cpu")
-
-
 def _output_count(gm: fx.GraphModule) -> int:
     out = next(n for n in gm.graph.nodes if n.op == "output")
     args = out.args[0]
@@ -141,7 +134,7 @@ class GraphschedBackend:
         param_mask = [True] * n_params + [False] * n_buffers + [
             isinstance(x, torch.nn.Parameter) for x in example_inputs
         ]
-        device = _device_of(example_inputs)
+        device = device_of(example_inputs)
         # Read in the user's thread: inductor's config is thread-local, and AOTAutograd may compile
         # the backward on autograd's thread.
         self._inductor_deterministic = inductor_deterministic()

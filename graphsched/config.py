@@ -23,6 +23,11 @@ COST_MODELS = ("auto", "analytic", "measured")
 CODEGENS = ("auto", "aten", "inductor")
 
 
+def default_cache_dir() -> str:
+    """Where measured costs and solved plans are cached when ``cache_dir`` is None."""
+    return os.path.join(os.path.expanduser("~"), ".cache", "graphsched")
+
+
 @dataclass
 class GraphschedConfig:
     schedule: str = "identity"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -30,11 +29,10 @@ from graphsched.analysis.costmodel import (
     fused_node_bytes,
     node_flops,
 )
+from graphsched.analysis.graph import CostFn
 from graphsched.analysis.profiler import NodeProfiler, is_profilable
 
 log = logging.getLogger("graphsched.analysis")
-
-CostFn = Callable[[fx.Node], float]
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:

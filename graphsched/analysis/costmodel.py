@@ -18,7 +18,7 @@ import dataclasses
 import operator
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -295,6 +295,14 @@ def _meta_value(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: _meta_value(v) for k, v in x.items()}
     return x
+
+
+def device_of(example_inputs: Sequence[Any]) -> torch.device:
+    """The device of the first tensor among ``example_inputs`` (CPU when there is none)."""
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor):
+            return x.device
+    return torch.device("cpu")
 
 
 def flat_tensors(x: Any) -> list[torch.Tensor]:

@@ -9,8 +9,9 @@ is in flight) and that region's estimated cost.
 from __future__ import annotations
 
 import hashlib
+import heapq
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Sequence, TypeVar
 
 import networkx as nx
 import torch
@@ -29,6 +30,38 @@ from graphsched.analysis.labels import (
 from graphsched.errors import UnwaitedCollectiveError
 
 CostFn = Callable[[fx.Node], float]
+
+_Item = TypeVar("_Item", bound=Hashable)
+
+
+def ordered_topological_sort(
+    items: Iterable[_Item],
+    successors: Callable[[_Item], Iterable[_Item]],
+    key: Callable[[_Item], Any],
+) -> list[_Item]:
+    """Kahn's algorithm that, among the ready items, always takes the one with the smallest key.
+
+    ``successors(x)``: the items that depend on ``x`` (each dependency edge once per listing; an
+    edge listed twice must be waited for twice). Keys must be distinct, so the order is unique.
+    Items on or behind a dependency cycle never become ready and are missing from the result:
+    callers compare its length with the item count.
+    """
+    items = list(items)
+    pending = {x: 0 for x in items}
+    for x in items:
+        for s in successors(x):
+            pending[s] += 1
+    ready = [(key(x), x) for x in items if pending[x] == 0]
+    heapq.heapify(ready)
+    order: list[_Item] = []
+    while ready:
+        _, x = heapq.heappop(ready)
+        order.append(x)
+        for s in successors(x):
+            pending[s] -= 1
+            if pending[s] == 0:
+                heapq.heappush(ready, (key(s), s))
+    return order
 
 
 @dataclass

@@ -24,16 +24,13 @@ from tqdm.auto import tqdm
 
 from graphsched.analysis.device_timer import time_once
 from graphsched.analysis.costmodel import _concrete_int, _is_op_overload, is_compute_node
+from graphsched.config import default_cache_dir
 from graphsched.errors import ConfigError, GraphschedError
 
 CACHE_FILE = "node_costs.json"
 CACHE_FORMAT_VERSION = 1
 #: Above this many nodes to measure, a progress bar is shown (on a terminal).
 PROGRESS_MIN_NODES = 8
-
-
-def default_cache_dir() -> str:
-    return os.path.join(os.path.expanduser("~"), ".cache", "graphsched")
 
 
 def device_label(device: torch.device) -> str:

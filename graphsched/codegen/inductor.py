@@ -25,7 +25,6 @@ segments) and for the compile-cache choice.
 from __future__ import annotations
 
 import copy
-import heapq
 import logging
 import math
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from graphsched.analysis.graph import GraphAnalysis
+from graphsched.analysis.graph import GraphAnalysis, ordered_topological_sort
 from graphsched.analysis.labels import GraphKind
 from graphsched.config import CODEGENS
 from graphsched.plan import Plan
@@ -67,7 +66,7 @@ def resolve_codegen(codegen: str, device: torch.device) -> str:
 
 def inductor_deterministic() -> bool:
     """Inductor's ``config.deterministic``: when on, inductor skips every reordering pass."""
-    from torch._inductor import config as ic
+    from graphsched.compat import inductor_config as ic
 
     return bool(getattr(ic, "deterministic", False))
 
@@ -76,7 +75,7 @@ def inductor_aot_options(codegen: str) -> dict[str, Any]:
     """Extra ``aot_autograd`` arguments for graphs that inductor will compile: its decompositions."""
     if codegen != "inductor":
         return {}
-    from torch._inductor.decomposition import select_decomp_table
+    from graphsched.compat import select_decomp_table
 
     return {"decompositions": select_decomp_table()}
 
@@ -91,10 +90,10 @@ def partition_fn_for(codegen: str) -> Callable[..., Any]:
     gpu-smoke (an H200: 211 kernels against 188, the loss backward unfused).
     """
     if codegen == "inductor":
-        from torch._inductor.compile_fx import partition_fn
+        from graphsched.compat import inductor_partition_fn
 
-        return partition_fn
-    from torch._functorch.partitioners import default_partition
+        return inductor_partition_fn
+    from graphsched.compat import default_partition
 
     return default_partition
 
@@ -108,7 +107,7 @@ def inductor_settings(order_pass: Callable[[list[Any]], list[Any]] | None) -> di
     pass alone, so inductor's own ``sink_waits`` / ``raise_comms`` never run. The FX-graph cache is
     off: the pass is a per-graph object the cache cannot key on (see docs/inductor.md).
     """
-    from torch._inductor import config as ic
+    from graphsched.compat import inductor_config as ic
 
     settings: dict[str, Any] = {
         "reorder_for_compute_comm_overlap": True,
@@ -141,8 +140,8 @@ def compile_graph(
     """
     import contextlib
 
-    from torch._inductor import config as ic
-    from torch._inductor.compile_fx import compile_fx_inner
+    from graphsched.compat import inductor_config as ic
+    from graphsched.compat import compile_fx_inner
 
     copied = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
     choices = contextlib.nullcontext() if fusion_guard is None else _plan_choices(fusion_guard)
@@ -200,8 +199,7 @@ class PlanSegments:
 
 def _plan_choices(guard: PlanSegments) -> Any:
     """Inductor's heuristics with ``guard`` consulted first, installed for one compile."""
-    from torch._inductor.choices import InductorChoices
-    from torch._inductor.virtualized import V
+    from graphsched.compat import V, InductorChoices
 
     class _PlanChoices(InductorChoices):
         def can_fuse(self, scheduler: Any, node1: Any, node2: Any, shared_data_score: int) -> bool:  # type: ignore[override]
@@ -223,7 +221,7 @@ def inductor_oracle_backend() -> Callable[..., Any]:
     """
     from functools import partial
 
-    from torch._dynamo.backends.common import aot_autograd
+    from graphsched.compat import aot_autograd
 
     def compiler(kind: GraphKind, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
         return compile_graph(gm, example_inputs, kind, None)
@@ -321,7 +319,7 @@ def dependency_edges(snodes: Sequence[Any]) -> tuple[list[set[int]], list[str]]:
 
 def _is_graph_input(name: str) -> bool:
     try:
-        from torch._inductor.virtualized import V
+        from graphsched.compat import V
 
         graph = V.graph
         return name in graph.graph_inputs or name in getattr(graph, "constants", {})
@@ -348,17 +346,7 @@ def order_by_wanted_position(
         for u in users[i]:
             if effective[u] < effective[i]:
                 effective[i] = effective[u]
-    pending = [len(ds) for ds in deps]
-    ready = [(effective[i], wanted[i], i) for i in range(n) if pending[i] == 0]
-    heapq.heapify(ready)
-    order: list[int] = []
-    while ready:
-        _, _, i = heapq.heappop(ready)
-        order.append(i)
-        for u in users[i]:
-            pending[u] -= 1
-            if pending[u] == 0:
-                heapq.heappush(ready, (effective[u], wanted[u], u))
+    order = ordered_topological_sort(range(n), users.__getitem__, lambda i: (effective[i], wanted[i], i))
     if len(order) != n:
         raise RuntimeError(
             f"graphsched: the scheduler nodes' dependencies have a cycle ({n - len(order)} nodes "
@@ -611,7 +599,7 @@ def _add_edge(ancestors: list[set[int]], deps: Sequence[set[int]], a: int, b: in
 def _is_wait_kernel(snode: Any) -> bool:
     ir = getattr(snode, "node", None)
     try:
-        from torch._inductor.utils import is_wait
+        from graphsched.compat import is_wait
 
         if ir is not None and is_wait(ir):
             return True
@@ -623,7 +611,7 @@ def _is_wait_kernel(snode: Any) -> bool:
 def _is_collective_kernel(snode: Any) -> bool:
     ir = getattr(snode, "node", None)
     try:
-        from torch._inductor.utils import is_collective
+        from graphsched.compat import is_collective
 
         if ir is not None and is_collective(ir):
             return True

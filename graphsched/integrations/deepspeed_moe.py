@@ -81,7 +81,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed import _functional_collectives as funcol
 
 from deepspeed.moe import sharded_moe
 from deepspeed.moe.layer import MoE
@@ -89,6 +88,7 @@ from deepspeed.moe.sharded_moe import MOELayer, TopKGate
 from deepspeed.utils import groups as ds_groups
 from deepspeed.utils.bwc import bwc_tensor_model_parallel_world_size
 
+from graphsched.compat import funcol
 from graphsched.config import GraphschedConfig
 from graphsched.errors import ConfigError, GraphschedError
 

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed import _functional_collectives as funcol
 
+from graphsched.compat import funcol
 from graphsched.errors import ConfigError
 from graphsched.models.gating import TopKGate
 

@@ -40,10 +40,10 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 import torch.fx as fx
 from torch.utils import flop_counter
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from graphsched.analysis.commmodel import CommModel
-from graphsched.analysis.costmodel import DeviceSpec, flat_tensors, footprint_bytes
+from graphsched.analysis.costmodel import DeviceSpec, device_of, flat_tensors, footprint_bytes
+from graphsched.compat import TorchDispatchMode
 from graphsched.config import GraphschedConfig
 from graphsched.errors import ConfigError, GraphschedError, GraphschedFallbackWarning
 from graphsched.partition.ilp import solve
@@ -529,13 +529,6 @@ def _agree(decisions: dict[str, Any]) -> dict[str, Any]:
     return share_from_rank0(decisions, "chunks")
 
 
-def _device_of(example_inputs: Sequence[Any]) -> torch.device:
-    for x in example_inputs:
-        if isinstance(x, torch.Tensor):
-            return x.device
-    return torch.device("cpu")
-
-
 @dataclass
 class ChunkingTransform:
     """The graph transform; ``records`` lists what it decided for each graph it was handed."""
@@ -601,7 +594,7 @@ class ChunkingTransform:
         decisions: dict[str, Any] = {}
         if regions:
             try:
-                coster = self._coster(_device_of(example_inputs))
+                coster = self._coster(device_of(example_inputs))
                 seen: dict[str, ChunkChoice] = {}
                 for region in regions:
                     decisions[region.id] = self._decide(region, coster, seen)

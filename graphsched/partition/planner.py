@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from graphsched.analysis.graph import GraphAnalysis
 from graphsched.analysis.labels import NodeKind
-from graphsched.config import GraphschedConfig
+from graphsched.config import GraphschedConfig, default_cache_dir
 from graphsched.errors import ConfigError
 from graphsched.partition.coarsen import CoarseGraph, coarsen
 from graphsched.partition.ilp import solve, solver_name
@@ -34,10 +34,6 @@ from graphsched.runtime.agreement import broadcast_plan, world_is_distributed
 log = logging.getLogger("graphsched.partition")
 
 _ROLE = {"forward": "fwd", "input_grad": "dX", "weight_grad": "dW"}
-
-
-def default_cache_dir() -> str:
-    return os.path.join(os.path.expanduser("~"), ".cache", "graphsched")
 
 
 def agree_on_costs(analysis: GraphAnalysis) -> None:

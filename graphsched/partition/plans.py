@@ -7,12 +7,11 @@ last). The latter exists to prove that the runtime's results do not depend on th
 
 from __future__ import annotations
 
-import heapq
 from typing import Sequence
 
 import torch.fx as fx
 
-from graphsched.analysis.graph import GraphAnalysis, random_order_edges
+from graphsched.analysis.graph import GraphAnalysis, ordered_topological_sort, random_order_edges
 from graphsched.analysis.labels import NodeKind, Phase
 from graphsched.plan import COMM_STREAM, COMPUTE_STREAM, Plan, Task
 
@@ -92,22 +91,8 @@ def reverse_independent_order(gm: fx.GraphModule) -> list[str]:
     users: dict[fx.Node, list[fx.Node]] = {n: [u for u in n.users if u in position] for n in nodes}
     for a, b in random_order_edges(gm.graph):
         users[a].append(b)
-    pending = {n: 0 for n in nodes}
-    for n in nodes:
-        for u in users[n]:
-            pending[u] += 1
-    ready = [(-position[n], n.name, n) for n in nodes if pending[n] == 0]
-    heapq.heapify(ready)
-    order: list[str] = []
-    while ready:
-        _, _, n = heapq.heappop(ready)
-        order.append(n.name)
-        for u in users[n]:
-            if u in pending:
-                pending[u] -= 1
-                if pending[u] == 0:
-                    heapq.heappush(ready, (-position[u], u.name, u))
-    return order
+    order = ordered_topological_sort(nodes, users.__getitem__, lambda n: (-position[n], n.name))
+    return [n.name for n in order]
 
 
 def plan_from_order(

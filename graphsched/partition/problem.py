@@ -9,10 +9,10 @@ and its times follow from simulating the two resources (see ``simulate.py``).
 
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass, field
 
+from graphsched.analysis.graph import ordered_topological_sort
 from graphsched.errors import GraphschedError, PlanError
 
 COMPUTE = "compute"
@@ -140,19 +140,10 @@ class ScheduleProblem:
         # Kahn's algorithm that always takes the earliest-listed ready task, so a list that is
         # already topological comes back unchanged ("as captured").
         index = {t.id: i for i, t in enumerate(self.tasks)}
-        missing = {t.id: len(t.deps) for t in self.tasks}
-        ready = [index[t.id] for t in self.tasks if not t.deps]
-        heapq.heapify(ready)
-        order: list[str] = []
-        while ready:
-            tid = self.tasks[heapq.heappop(ready)].id
-            order.append(tid)
-            for c in self._children[tid]:
-                missing[c] -= 1
-                if missing[c] == 0:
-                    heapq.heappush(ready, index[c])
+        order = ordered_topological_sort(index, self._children.__getitem__, index.__getitem__)
         if len(order) != len(self.tasks):
-            stuck = sorted(tid for tid, m in missing.items() if m > 0)
+            placed = set(order)
+            stuck = sorted(tid for tid in index if tid not in placed)
             raise ProblemError(
                 f"the dependencies form a cycle through some of {stuck[:10]}; "
                 "a schedule needs an acyclic task graph, so break the cycle."

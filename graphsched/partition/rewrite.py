@@ -23,13 +23,13 @@ added nodes), which AOTAutograd copies onto the aten nodes it traces from them.
 from __future__ import annotations
 
 import contextlib
-import heapq
 import operator
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 
+from graphsched.analysis.graph import ordered_topological_sort
 from graphsched.errors import GraphschedError
 from graphsched.partition.regions import Region
 from graphsched.partition.split_rules import (
@@ -275,25 +275,20 @@ def rewrite_region(
     def emit_block() -> None:
         for u in region.inputs():
             split(u, region.specs[u])
-        # Kahn's algorithm over (node, chunk) copies, smallest order key first.
-        missing: dict[tuple[fx.Node, int], int] = {}
+        # The (node, chunk) copies in a topological order, smallest order key first.
         waiting: dict[tuple[fx.Node, int], list[tuple[fx.Node, int]]] = {}
-        heap: list[tuple[Any, int, fx.Node, int]] = []
         for n in region.nodes:
             deps = {a for a in n.all_input_nodes if a in members}
             for i in range(k):
-                missing[(n, i)] = len(deps)
                 for a in deps:
                     waiting.setdefault((a, i), []).append((n, i))
-                if not deps:
-                    heapq.heappush(heap, (order_key(n, i), index[n] * k + i, n, i))
-        while heap:
-            _, _, n, i = heapq.heappop(heap)
+        copies_in_order = ordered_topological_sort(
+            [(n, i) for n in region.nodes for i in range(k)],
+            lambda c: waiting.get(c, ()),
+            lambda c: (order_key(c[0], c[1]), index[c[0]] * k + c[1]),
+        )
+        for n, i in copies_in_order:
             copy_chunk(n, i)
-            for m, j in waiting.get((n, i), []):
-                missing[(m, j)] -= 1
-                if missing[(m, j)] == 0:
-                    heapq.heappush(heap, (order_key(m, j), index[m] * k + j, m, j))
         if any(len(copies.get(n, [])) != k for n in region.nodes):
             raise GraphschedError(f"region {region.id} has a dependency cycle; it cannot be chunked")
         for v in region.outputs():

@@ -465,9 +465,9 @@ class AllToAll(SplitRule):
                 return len(splits)
         group = _arg(node, 3, "group_name")
         try:
-            from torch.distributed.distributed_c10d import _resolve_process_group
+            from graphsched.compat import resolve_process_group
 
-            return _resolve_process_group(group).size()
+            return resolve_process_group(group).size()
         except Exception:  # noqa: BLE001 - an unknown group means no rule, not a failure
             return None
 

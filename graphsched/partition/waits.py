@@ -21,8 +21,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from graphsched.compat import C_SET_GRAD_ENABLED
+
 _WAIT = torch.ops._c10d_functional.wait_tensor
-_GRAD_MODE = (torch._C._set_grad_enabled,)
+_GRAD_MODE = (C_SET_GRAD_ENABLED,)
 
 
 class _DifferentiableWait(torch.autograd.Function):

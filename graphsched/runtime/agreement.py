@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch.distributed as dist
 
+from graphsched.compat import default_group, default_store
 from graphsched.errors import AgreementTimeoutError, PlanMismatchError
 from graphsched.plan import Plan
 
@@ -81,7 +82,7 @@ def _beat(store: Any, rank: int, group: Any) -> None:
     while True:
         time.sleep(max(0.05, min(1.0, _timeout_s / 8)))
         try:
-            if not dist.is_initialized() or dist.distributed_c10d._get_default_group() is not group:
+            if not dist.is_initialized() or default_group() is not group:
                 return  # the group this thread beats for is gone
             if _live.working > 0 and _live.waiting == 0:
                 store.add(key, 1)
@@ -92,12 +93,12 @@ def _beat(store: Any, rank: int, group: Any) -> None:
 def _ensure_heartbeat() -> None:
     if not world_is_distributed():
         return
-    group = dist.distributed_c10d._get_default_group()
+    group = default_group()
     if _live.thread is not None and _live.thread.is_alive() and _live.group is group:
         return
     _live.group = group
     _live.thread = threading.Thread(
-        target=_beat, args=(dist.distributed_c10d._get_default_store(), dist.get_rank(), group),
+        target=_beat, args=(default_store(), dist.get_rank(), group),
         name="graphsched-heartbeat", daemon=True,
     )
     _live.thread.start()
@@ -203,7 +204,7 @@ def exchange(payload: Any, purpose: str) -> list[Any]:
     """Every rank's JSON-serialisable ``payload``, ordered by rank (through the store)."""
     if not world_is_distributed():
         return [payload]
-    store = dist.distributed_c10d._get_default_store()
+    store = default_store()
     rank, world = dist.get_rank(), dist.get_world_size()
     seq = next(_sequence)
     base = f"{_KEY_PREFIX}/{seq}/{purpose}"
@@ -230,7 +231,7 @@ def share_from_rank0(payload: Any, purpose: str) -> Any:
     """Rank 0's payload on every rank (others pass None)."""
     if not world_is_distributed():
         return payload
-    store = dist.distributed_c10d._get_default_store()
+    store = default_store()
     seq = next(_sequence)
     key = f"{_KEY_PREFIX}/{seq}/{purpose}"
     if dist.get_rank() == 0:

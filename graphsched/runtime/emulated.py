@@ -52,8 +52,8 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import _create_work_from_future
 
+from graphsched.compat import create_work_from_future, default_group, process_group_names
 from graphsched.errors import ConfigError, GraphschedError
 
 #: The name the backend is registered under (``dist.init_process_group(backend=BACKEND_NAME)``).
@@ -272,7 +272,7 @@ def _device_index(device: torch.device) -> int:
 def _completed_work(value: list[torch.Tensor]) -> Any:
     fut: torch.futures.Future = torch.futures.Future()
     fut.set_result(value)
-    return _create_work_from_future(fut)
+    return create_work_from_future(fut)
 
 
 _SUM_LIKE = ("SUM",)
@@ -318,7 +318,7 @@ class EmulatedProcessGroup(dist.ProcessGroup):
         # Functional collectives resolve a group by name; a Python group must answer it itself.
         if self._name:
             return self._name
-        return dist.distributed_c10d._world.pg_names[self]
+        return process_group_names()[self]
 
     @property
     def options(self) -> EmulationOptions:
@@ -408,7 +408,7 @@ class EmulatedProcessGroup(dist.ProcessGroup):
         for t in outputs + [reference]:
             # The caller may free these before the copy stream is done with them.
             t.record_stream(stream)
-        return _create_work_from_future(fut)
+        return create_work_from_future(fut)
 
     def _reduce_in_place(self, t: torch.Tensor, op: Any) -> None:
         name = _reduce_op_name(op)
@@ -610,7 +610,7 @@ def _create_group(common: Any, backend_options: Any) -> EmulatedProcessGroup:
     """The backend's creator (torch's extended API): called by init_process_group and new_group."""
     parent: EmulatedProcessGroup | None = None
     if dist.is_initialized():
-        default = dist.distributed_c10d._get_default_group()
+        default = default_group()
         if isinstance(default, EmulatedProcessGroup):
             parent = default
     if backend_options is None:
@@ -684,7 +684,7 @@ def init_emulated_process_group(
         pg_options=options,
         **kwargs,
     )
-    group = dist.distributed_c10d._get_default_group()
+    group = default_group()
     if not isinstance(group, EmulatedProcessGroup):
         raise GraphschedError(
             f"torch.distributed made a {type(group).__name__} instead of an EmulatedProcessGroup; "
@@ -703,7 +703,7 @@ def new_emulated_group(
     ``new_emulated_group(math.inf)`` is the compute-only twin of the world group: same size, same
     data movement, no time on the wire.
     """
-    world = dist.distributed_c10d._get_default_group()
+    world = default_group()
     if not isinstance(world, EmulatedProcessGroup):
         raise GraphschedError(
             "new_emulated_group needs the emulated world group; call init_emulated_process_group "

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from graphsched.analysis.graph import is_random
 from graphsched.errors import PlanError
 from graphsched.plan import COMPUTE_STREAM, Plan
 from graphsched.runtime.program import build_program
@@ -65,11 +66,6 @@ class _Instr:
     needs_event: bool
 
 
-def _is_random(node: fx.Node) -> bool:
-    t = node.target
-    return isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags
-
-
 def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
     value: Any = gm
     for part in target.split("."):
@@ -106,7 +102,7 @@ def validate_plan(graph: fx.Graph, plan: Plan) -> list[fx.Node]:
         seen.add(name)
         nodes.append(node)
     position = {name: i for i, name in enumerate(order)}
-    randoms = [n.name for n in graph.nodes if _is_random(n) and n.name in position]
+    randoms = [n.name for n in graph.nodes if is_random(n) and n.name in position]
     if any(position[a] > position[b] for a, b in zip(randoms, randoms[1:])):
         raise PlanError(
             f"plan {plan.graph_name!r} reorders random ops ({randoms[:4]}...): they would draw "

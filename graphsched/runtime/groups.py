@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 import torch.nn as nn
 
+from graphsched.compat import process_group_names
 from graphsched.errors import ProcessGroupMismatchError
 
 
@@ -33,7 +34,7 @@ def _describe(path: str, pg: "dist.ProcessGroup") -> GroupDescription:
         size, rank = pg.size(), pg.rank()
     except Exception:  # noqa: BLE001
         size, rank = -1, -1
-    alive = dist.is_initialized() and pg in dist.distributed_c10d._world.pg_names
+    alive = dist.is_initialized() and pg in process_group_names()
     return GroupDescription(path, name, size, rank, alive)
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 import graphsched
+from graphsched.compat import dynamo_reset
 from graphsched.errors import GraphschedError
 from graphsched.partition.plans import simple_plan
 
@@ -19,7 +20,7 @@ def _step(options: dict[str, Any], batch: int, rank: int, planner: Any = None) -
     from graphsched.models import MoEGPT, get_preset, make_batch
 
     config = get_preset("tiny")
-    torch._dynamo.reset()
+    dynamo_reset()
     torch.manual_seed(0)
     start = time.perf_counter()
     try:

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 import graphsched
+from graphsched.compat import dynamo_reset
 from graphsched.models import MoEGPT, get_preset, make_batch
 
 FP32_REL_TOL = 1e-4
@@ -102,7 +103,7 @@ def check_mode(family: str, dtype: str, mode: str, options: dict[str, Any], grou
         torch.manual_seed(0)
         return build_model(config, process_group=group).to(device)
 
-    torch._dynamo.reset()
+    dynamo_reset()
     t0 = time.perf_counter()
     eager = build()
     with warnings.catch_warnings(record=True) as caught:
@@ -174,7 +175,7 @@ def measure_step(model: torch.nn.Module, config: Any, batch: int, device: torch.
 
 def cost_model_check(group: Any, device: torch.device, preset: str, layers: int, batch: int, cache_dir: str) -> dict[str, Any]:
     config = get_preset(preset).replace(n_layers=layers)
-    torch._dynamo.reset()
+    dynamo_reset()
     torch.manual_seed(0)
     model = graphsched.wrap(MoEGPT(config, process_group=group).to(device), schedule="ilp", cache_dir=cache_dir)
     measure_step(model, config, batch, device, warmup=1, repeats=1)

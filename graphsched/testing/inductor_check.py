@@ -32,6 +32,7 @@ import torch.distributed as dist
 import graphsched
 from graphsched.analysis.labels import GraphKind
 from graphsched.codegen.inductor import inductor_oracle_backend
+from graphsched.compat import dynamo_reset
 from graphsched.models import MoEGPT, get_preset, make_batch
 from graphsched.testing.inductor_checks import dw_kernels_in_code_windows
 
@@ -76,7 +77,7 @@ def _variant(
 
 def _steps(model: torch.nn.Module, call: Callable[..., Any], config: Any, batch: int, steps: int,
            device: torch.device) -> tuple[list[float], list[dict[str, torch.Tensor]], list[str]]:
-    from torch._inductor.utils import run_and_get_code
+    from graphsched.compat import run_and_get_code
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     losses, grads, code = [], [], []
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config.replace(dtype=args.dtype)
     bf16 = config.dtype == "bfloat16"
     cache_dir = tempfile.mkdtemp(prefix="graphsched-inductor-check-")
-    from torch._inductor import config as ic
+    from graphsched.compat import inductor_config as ic
 
     report: dict[str, Any] = {
         "command": " ".join([sys.executable, "-m", "graphsched.testing.inductor_check", *(argv or sys.argv[1:])]),
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     ok = True
     for name in names:
-        torch._dynamo.reset()
+        dynamo_reset()
         t0 = time.perf_counter()
         entry: dict[str, Any] = {}
         try:

@@ -19,7 +19,7 @@ from graphsched.codegen.inductor import inductor_oracle_backend
 
 
 def _generated_code(fn: Any) -> tuple[Any, list[str]]:
-    from torch._inductor.utils import run_and_get_code
+    from graphsched.compat import run_and_get_code
 
     value, code = run_and_get_code(fn)
     return value, list(code)
@@ -172,12 +172,14 @@ def fallback_checks(rank: int, world_size: int) -> dict[str, Any]:
     model = graphsched.wrap(MoEGPT(config, process_group=dist.group.WORLD), codegen="inductor")
     idx, tgt = make_batch(config, 2, seed=rank)
     # Set, not patched: patches are thread-local and the backward may compile on autograd's thread.
-    torch._inductor.config.deterministic = True
+    from graphsched.compat import inductor_config
+
+    inductor_config.deterministic = True
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loss = model(idx, tgt)
         loss.backward()
-    torch._inductor.config.deterministic = False
+    inductor_config.deterministic = False
     graphs = graphsched.api.state_of(model).capture.graphs
     return {
         "warnings": [str(w.message) for w in caught if issubclass(w.category, GraphschedFallbackWarning)],

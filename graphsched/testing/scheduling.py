@@ -12,6 +12,7 @@ import torch.fx as fx
 import graphsched
 from graphsched.analysis.costmodel import CostModel, DeviceSpec, is_collective_node
 from graphsched.analysis.labels import GraphKind, NodeKind, Phase
+from graphsched.compat import dynamo_reset
 from graphsched.errors import PlanMismatchError
 from graphsched.partition.planner import collective_windows
 from graphsched.partition.plans import simple_plan
@@ -146,12 +147,12 @@ def plan_file_checks(rank: int, world_size: int, cache_dir: str, plan_path: str)
     dist.barrier()
     hashes_first = {k: p.content_hash() for k, p in graphsched.captured_plans(first).items()}
 
-    torch._dynamo.reset()
+    dynamo_reset()
     second = build(schedule="ilp", plan_file=plan_path)
     second(idx, targets).backward()
     hashes_second = {k: p.content_hash() for k, p in graphsched.captured_plans(second).items()}
 
-    torch._dynamo.reset()
+    dynamo_reset()
     stale = build(schedule="ilp", plan_file=plan_path)
     stale_error = ""
     try:
