@@ -41,6 +41,15 @@ ALL_VARIANTS = (
     "graphsched-inductor-chunks4",
     "graphsched-inductor-auto",
     "graphsched-rewrite+inductor-classic",
+    # Two micro-batches in one step (gradient accumulation's semantics): the eager oracle, the
+    # peers on the same step, graphsched's plan over both.
+    "eager-mb2",
+    "compute-only-inductor-mb2",
+    "inductor-classic-mb2",
+    "graphsched-inductor-mb2",
+    "graphsched-inductor-chunks2-mb2",
+    "graphsched-inductor-chunks4-mb2",
+    "graphsched-inductor-mbauto",
 )
 
 #: ``--quick``: the peers that matter and the limit's parts, in about 5 minutes of H200 time per

@@ -134,16 +134,25 @@ def compute_only_of(name: str) -> str:
     if model_of(name) == "deepspeed":
         return "compute-only-deepspeed"
     if "inductor" in name:
-        return "compute-only-inductor"
+        return "compute-only-inductor-mb2" if micro_batches_of(name) == 2 else "compute-only-inductor"
     return "compute-only"
 
 
 def loss_reference_of(name: str) -> str | None:
     """The variant whose losses ``name``'s must match: eager for the reference model, plain
     DeepSpeed for DeepSpeed's model (other weights); None for the oracles themselves."""
-    if name in ("eager", "deepspeed", "comm-only"):
+    if name in ("eager", "deepspeed", "comm-only", "eager-mb2"):
         return None
-    return "deepspeed" if model_of(name) == "deepspeed" else "eager"
+    if model_of(name) == "deepspeed":
+        return "deepspeed"
+    # Micro-batches route per micro-batch (gradient accumulation's semantics): eager run alike.
+    return "eager-mb2" if micro_batches_of(name) == 2 else "eager"
+
+
+def micro_batches_of(name: str) -> int:
+    """The micro-batches a variant splits each step into: ``-mbN`` in its name, else 1."""
+    head, sep, tail = name.rpartition("-mb")
+    return int(tail) if sep and tail.isdigit() else 1
 
 
 def build_reference(ctx: BenchContext, group: dist.ProcessGroup) -> MoEGPT:
@@ -252,11 +261,29 @@ def measure_model(
 # Variants
 
 
-def run_eager(ctx: BenchContext, result: VariantResult, compute_only: bool = False) -> None:
+class MicroBatched(nn.Module):
+    """``model`` run on micro-batches of each call (graphsched.microbatch's split and join), so
+    peers and the eager oracle see the step graphsched's ``micro_batches`` option runs."""
+
+    def __init__(self, model: nn.Module, count: int) -> None:
+        super().__init__()
+        self.model = model
+        self.count = count
+
+    def forward(self, *args: Any) -> Any:
+        from graphsched.microbatch import micro_batched
+
+        return micro_batched(self.model, self.count)(*args)
+
+
+def run_eager(ctx: BenchContext, result: VariantResult, compute_only: bool = False,
+              micro_batches: int = 1) -> None:
     group = ctx.compute_only if compute_only else ctx.world
-    model = build_reference(ctx, group)
+    model: nn.Module = build_reference(ctx, group)
+    if micro_batches > 1:
+        model = MicroBatched(model, micro_batches)
     measure_model(ctx, result, model, [group])
-    if not compute_only and ctx.step_calls is None:
+    if not compute_only and ctx.step_calls is None and micro_batches == 1:
         ctx.step_calls = record_step_calls(ctx, model, group)
 
 
@@ -326,7 +353,8 @@ def inductor_patches(kind: str) -> dict[str, Any]:
     raise ValueError(kind)
 
 
-def run_inductor(ctx: BenchContext, result: VariantResult, kind: str, compute_only: bool = False) -> None:
+def run_inductor(ctx: BenchContext, result: VariantResult, kind: str, compute_only: bool = False,
+                 micro_batches: int = 1) -> None:
     patches = inductor_patches(kind)
     if patches:
         result.notes.append("inductor config: " + ", ".join(f"{k}={v}" for k, v in patches.items()))
@@ -335,7 +363,9 @@ def run_inductor(ctx: BenchContext, result: VariantResult, kind: str, compute_on
         if kind == "classic" and missing:
             result.notes.append(f"this torch lacks the passes {missing}: run without them")
     group = ctx.compute_only if compute_only else ctx.world
-    model = build_reference(ctx, group)
+    model: nn.Module = build_reference(ctx, group)
+    if micro_batches > 1:
+        model = MicroBatched(model, micro_batches)
     compiled = torch.compile(model)
 
     def around() -> contextlib.AbstractContextManager:
@@ -448,6 +478,19 @@ def graphsched_options(kind: str) -> dict[str, Any]:
 
     fields = {f.name for f in dataclasses.fields(GraphschedConfig)}
     options: dict[str, Any]
+    if kind.endswith("-mbauto"):
+        if "micro_batches" not in fields:
+            raise Skip("GraphschedConfig has no 'micro_batches' option in this version of graphsched")
+        options = graphsched_options(kind[: -len("-mbauto")])
+        options["micro_batches"] = "auto"
+        return options
+    micro = micro_batches_of(kind)
+    if micro > 1:
+        if "micro_batches" not in fields:
+            raise Skip("GraphschedConfig has no 'micro_batches' option in this version of graphsched")
+        options = graphsched_options(kind.rpartition("-mb")[0])
+        options["micro_batches"] = micro
+        return options
     # The aten executor unless the variant names inductor (codegen="auto" picks inductor on CUDA).
     aten = {"codegen": "aten"} if "codegen" in fields else {}
     if kind == "identity":
@@ -527,6 +570,9 @@ def _cost_breakdown(g: Any) -> dict[str, float] | None:
 def _note_plans(result: VariantResult, model: nn.Module) -> None:
     from graphsched.api import state_of
 
+    choice = state_of(model).micro_batch_choice
+    if choice is not None:
+        result.notes.append(f"micro_batches=auto: {choice.describe()}")
     for g in state_of(model).capture.graphs:
         if g.fallback_reason:
             result.notes.append(f"{g.name}: ran UNSCHEDULED ({g.fallback_reason})")
@@ -544,9 +590,10 @@ def run_graphsched(ctx: BenchContext, result: VariantResult, kind: str) -> None:
     result.notes.append("graphsched options: " + ", ".join(f"{k}={v}" for k, v in options.items()))
     model = build_reference(ctx, ctx.world)
     graphsched.wrap(model, cost_fn=graphsched_costs(ctx, options), **options)
-    if options.get("chunks") == "auto":
-        # chunks="auto" times the chunked and the unchunked graph over its first steps
-        # (runtime/measured_choice.py): run them before the timed steps, which see the choice.
+    if options.get("chunks") == "auto" or options.get("micro_batches") == "auto":
+        # chunks="auto" (micro_batches="auto") times the chunked and the unchunked graph (k = 1
+        # and 2 micro-batches) over the first steps (runtime/measured_choice.py): run them
+        # before the timed steps, which see the choice.
         from graphsched.runtime.measured_choice import MeasuredChoice
 
         for _ in range(MeasuredChoice.calls_to_decide()):
@@ -690,6 +737,13 @@ RUNNERS: dict[str, Callable[[BenchContext, VariantResult], None]] = {
     "graphsched-inductor-chunks4": lambda c, r: run_graphsched(c, r, "inductor-chunks4"),
     "graphsched-inductor-auto": lambda c, r: run_graphsched(c, r, "inductor-auto"),
     "graphsched-rewrite+inductor-classic": run_rewrite_on_inductor_classic,
+    "eager-mb2": lambda c, r: run_eager(c, r, micro_batches=2),
+    "compute-only-inductor-mb2": lambda c, r: run_inductor(c, r, "plain", compute_only=True, micro_batches=2),
+    "inductor-classic-mb2": lambda c, r: run_inductor(c, r, "classic", micro_batches=2),
+    "graphsched-inductor-mb2": lambda c, r: run_graphsched(c, r, "inductor-mb2"),
+    "graphsched-inductor-chunks2-mb2": lambda c, r: run_graphsched(c, r, "inductor-chunks2-mb2"),
+    "graphsched-inductor-chunks4-mb2": lambda c, r: run_graphsched(c, r, "inductor-chunks4-mb2"),
+    "graphsched-inductor-mbauto": lambda c, r: run_graphsched(c, r, "inductor-mbauto"),
 }
 
 

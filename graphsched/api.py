@@ -23,6 +23,7 @@ from graphsched.capture import CaptureLog, GraphschedBackend, Planner
 from graphsched.codegen.inductor import describe_codegen
 from graphsched.config import GraphschedConfig
 from graphsched.errors import ConfigError, GraphschedError, GraphschedFallbackWarning, graphsched_cause
+from graphsched.microbatch import AUTO_CANDIDATES, MicroBatchChoice, micro_batched
 from graphsched.plan import ModelPlan, Plan
 from graphsched.runtime.recorder import StepRecorder
 from graphsched.runtime.groups import GroupFingerprint, check_same_groups, fingerprint, group_slots
@@ -41,6 +42,8 @@ class GraphschedState:
     compiled: Callable[..., Any]
     #: Calls of the wrapped model so far.
     calls: int = 0
+    #: With micro_batches="auto": what the choice measured and decided (once decided).
+    micro_batch_choice: Any = None
 
 
 class _GuardedCall:
@@ -127,7 +130,6 @@ def wrap(
     # DeepSpeed MoE layers get a capturable all-to-all (per instance; nothing global changes).
     # Random gating is accepted only where nothing is reordered.
     prepare_for_capture(model, allow_random_gating=config.schedule == "identity")
-    log = CaptureLog()
     from graphsched.analysis.cost_source import make_cost_fn, measure_comm_model
     from graphsched.codegen.inductor import resolve_codegen
     from graphsched.partition.chunking import make_graph_transform
@@ -136,22 +138,52 @@ def wrap(
     # Measured here, where every rank runs the same code in order; never while compiling.
     needs_comm = cost_fn is None or config.chunks != 1
     comm = measure_comm_model(config.cost_model, device) if needs_comm else None
-    backend = GraphschedBackend(
-        config,
-        planner or make_planner(config),
-        cost_fn or make_cost_fn(config.cost_model, device, comm, config.cache_dir,
-                                fused=resolve_codegen(config.codegen, device) == "inductor"),
-        log,
-        graph_transform=make_graph_transform(config, comm),
-    )
-    # dynamic=False: a new input shape recompiles into new static-shape graphs, which the cost
-    # model and planner can reason about, instead of symbolic-shape graphs.
-    compiled = torch.compile(model._call_impl, backend=backend, fullgraph=config.fullgraph, dynamic=False)
+    cost = cost_fn or make_cost_fn(config.cost_model, device, comm, config.cache_dir,
+                                   fused=resolve_codegen(config.codegen, device) == "inductor")
+    transform = make_graph_transform(config, comm)
+
+    def compile_call(count: int, log: CaptureLog) -> Callable[..., Any]:
+        backend = GraphschedBackend(config, planner or make_planner(config), cost, log, graph_transform=transform)
+        # With micro-batches the split and the join are inside the compiled call: one graph holds
+        # every micro-batch, so the plan can overlap one's compute with another's collectives.
+        # dynamic=False: a new input shape recompiles into new static-shape graphs, which the
+        # cost model and planner can reason about, instead of symbolic-shape graphs.
+        return torch.compile(micro_batched(model._call_impl, count), backend=backend,
+                             fullgraph=config.fullgraph, dynamic=False)
+
     slots = group_slots(model)
-    state = GraphschedState(config, log, fingerprint(slots), slots, compiled)
+    if config.micro_batches == "auto":
+        logs = {k: CaptureLog() for k in AUTO_CANDIDATES}
+        calls = {k: compile_call(k, logs[k]) for k in AUTO_CANDIDATES}
+        state = GraphschedState(config, logs[1], fingerprint(slots), slots, calls[1])
+        state.compiled = _micro_batch_choice(state, calls, logs, device)
+    else:
+        log = CaptureLog()
+        state = GraphschedState(config, log, fingerprint(slots), slots, compile_call(config.micro_batches, log))
     setattr(model, _STATE_ATTR, state)
     model._compiled_call_impl = _GuardedCall(state)  # the hook nn.Module.compile uses
     return model
+
+
+def _micro_batch_choice(state: GraphschedState, calls: dict[int, Callable[..., Any]],
+                        logs: dict[int, CaptureLog], device: torch.device) -> Callable[..., Any]:
+    """micro_batches="auto": the compiled calls measured against each other (MicroBatchChoice);
+    the chosen count's capture log becomes the model's."""
+    from graphsched.runtime.agreement import share_from_rank0, world_is_distributed
+    from graphsched.runtime.measured_choice import MeasuredChoice
+
+    def on_decided(chosen: str, record: Any) -> None:
+        state.capture = logs[int(chosen)]
+        state.micro_batch_choice = record
+
+    variants = {str(k): (lambda packed, call=call: call(*packed[0], **packed[1])) for k, call in calls.items()}
+    rank0 = not world_is_distributed() or torch.distributed.get_rank() == 0
+    choice = MeasuredChoice(
+        variants, "1", device,
+        share=lambda chosen: share_from_rank0(chosen, "micro-batch-choice"),
+        on_decided=on_decided, is_rank0=rank0,
+    )
+    return MicroBatchChoice(choice, calls[1], tuple(k for k in calls if k > 1))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -266,6 +298,8 @@ def explain(model: nn.Module, file: IO[str] | None = sys.stdout) -> str:
         + "".join(_chunk_choice_line(g.name, g.plan.options["chunk_choice"]) for g in graphs
                   if g.plan is not None and "chunk_choice" in g.plan.options)
         + "".join(f"\n  {g.name}: {describe_codegen(g.plan)}" for g in graphs if g.codegen == "inductor" and g.plan)
+        + (f"\n  micro_batches=\"auto\": {state.micro_batch_choice.describe()} micro-batch(es)"
+           if state.micro_batch_choice is not None else "")
     )
     text = render_report([g.analysis for g in graphs if g.analysis is not None], header)
     if file is not None:

@@ -67,6 +67,12 @@ class GraphschedConfig:
     #: issue or wait (a fused kernel runs where its latest part is planned, so such a fusion moves
     #: dW work out of its window or chunk 0 behind chunk 1); False: inductor fuses freely.
     fusion_within_segments: bool = True
+    #: Split each call's batch (dim 0) into this many equal micro-batches run inside one captured
+    #: step, so one micro-batch computes while another's all-to-all is on the wire. Gradient
+    #: accumulation's semantics: routing and capacity per micro-batch, scalar outputs (losses)
+    #: averaged, batch-first outputs joined (graphsched/microbatch.py). 1 = off; "auto" = compile
+    #: k = 1 and k = 2, time the first training steps of each, keep the faster (rank 0 decides).
+    micro_batches: int | str = 1
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -95,6 +101,11 @@ class GraphschedConfig:
             raise ConfigError(
                 f"chunks={self.chunks!r} must be 1 (off), an integer in 2..max_chunks="
                 f"{self.max_chunks} or \"auto\"; raise max_chunks for more chunks."
+            )
+        if self.micro_batches != "auto" and self.micro_batches < 1:
+            raise ConfigError(
+                f"micro_batches={self.micro_batches!r} must be an integer >= 1 (1: off; 2 lets one "
+                "micro-batch compute while the other's all-to-all runs) or \"auto\"."
             )
         if self.memory_limit_bytes is not None and (
             not isinstance(self.memory_limit_bytes, int) or isinstance(self.memory_limit_bytes, bool)
@@ -142,6 +153,8 @@ _TYPES: dict[str, tuple[Any, str]] = {
     "measure_chunks": (lambda v: isinstance(v, bool), "True or False"),
     "codegen": (lambda v: isinstance(v, str), f"one of the strings {', '.join(CODEGENS)}"),
     "fusion_within_segments": (lambda v: isinstance(v, bool), "True or False"),
+    "micro_batches": (lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool)),
+                      'an integer or "auto"'),
 }
 
 

@@ -522,3 +522,24 @@ def test_model_speed_times_both_dispatch_modes_with_equal_losses(tmp_path):
     assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in rows.values())
     assert rows["reference:einsum"]["loss"] == pytest.approx(rows["reference:index"]["loss"], abs=1e-6)
     assert record["versions"]["torch"] == torch.__version__ and record["command"]
+
+
+def test_micro_batch_variants_run_graphsched_and_peers_on_the_same_micro_batches():
+    from benchmarks.variants import (
+        RUNNERS,
+        compute_only_of,
+        graphsched_options,
+        loss_reference_of,
+        micro_batches_of,
+    )
+
+    assert graphsched_options("inductor-mb2") == {"schedule": "ilp", "codegen": "inductor", "micro_batches": 2}
+    assert graphsched_options("inductor-chunks4-mb2")["chunks"] == 4
+    assert graphsched_options("inductor-mbauto")["micro_batches"] == "auto"
+    assert micro_batches_of("inductor-classic-mb2") == 2 and micro_batches_of("inductor-classic") == 1
+    # Losses are checked against eager run on the same micro-batches; peers get the same step.
+    assert loss_reference_of("graphsched-inductor-mb2") == "eager-mb2"
+    assert loss_reference_of("inductor-classic-mb2") == "eager-mb2"
+    assert loss_reference_of("graphsched-inductor-mbauto") == "eager"
+    assert compute_only_of("graphsched-inductor-mb2") == "compute-only-inductor-mb2"
+    assert {"eager-mb2", "inductor-classic-mb2", "graphsched-inductor-mbauto"} <= set(RUNNERS) <= set(ALL_VARIANTS)

@@ -109,6 +109,7 @@ BAD_TYPES = {
     "measure_chunks": "yes",
     "codegen": 1,
     "fusion_within_segments": "no",
+    "micro_batches": 2.0,
 }
 
 

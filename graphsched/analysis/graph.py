@@ -153,13 +153,33 @@ def collective_nbytes(node: fx.Node) -> int:
 
 
 def is_random(node: fx.Node) -> bool:
-    """Ops that draw from the global RNG: their relative order decides the numbers they draw."""
+    """Ops that draw from the global RNG: their relative order decides the numbers they draw.
+
+    The attention kernels are tagged as seeded for their dropout, but draw nothing when
+    ``dropout_p`` is 0: chaining them in captured order would tie every micro-batch's attention
+    to the one before it, and with it that micro-batch's all-to-alls."""
     target = node.target
     return (
         node.op == "call_function"
         and isinstance(target, torch._ops.OpOverload)
         and torch.Tag.nondeterministic_seeded in target.tags
+        and not _without_dropout(node)
     )
+
+
+def _without_dropout(node: fx.Node) -> bool:
+    """True for a call whose schema has a ``dropout_p`` argument that is 0 in this call."""
+    for i, arg in enumerate(node.target._schema.arguments):  # type: ignore[union-attr]
+        if arg.name != "dropout_p":
+            continue
+        if arg.name in node.kwargs:
+            value = node.kwargs[arg.name]
+        elif i < len(node.args) and not arg.kwarg_only:
+            value = node.args[i]
+        else:
+            value = arg.default_value
+        return isinstance(value, (int, float)) and value == 0
+    return False
 
 
 def random_order_edges(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:

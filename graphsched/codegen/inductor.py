@@ -289,8 +289,15 @@ def dependency_edges(snodes: Sequence[Any]) -> tuple[list[set[int]], list[str]]:
 
     Dependencies are ``unmet_dependencies`` (buffers read, weak ordering deps of mutations),
     resolved to the node that produces the buffer; names of graph inputs have no producer.
+
+    Inductor chains every collective and wait to the one before it in the captured graph (fake
+    weak deps, ``decide_global_ordering_of_comms``) so that each rank issues them alike. Those
+    edges are dropped: the plan is the same on every rank, and ``issue_early_wait_late`` chains
+    the issues in the plan's order instead. Kept, they pinned two micro-batches' all-to-alls to
+    the captured order (all of micro-batch 0's, then micro-batch 1's), whatever the plan said.
     """
     prod = _producers(snodes)
+    comm = [_is_collective_kernel(sn) or _is_wait_kernel(sn) for sn in snodes]
     deps: list[set[int]] = [set() for _ in snodes]
     unresolved: list[str] = []
     for i, sn in enumerate(snodes):
@@ -298,6 +305,10 @@ def dependency_edges(snodes: Sequence[Any]) -> tuple[list[set[int]], list[str]]:
             name = getattr(d, "name", None)
             if name is None:
                 continue
+            if comm[i] and _is_fake_order_dep(d):
+                j = prod.get(name)
+                if j is not None and comm[j]:
+                    continue
             j = prod.get(name)
             if j is None:
                 # A buffer of an op fused away or renamed: ask the scheduler who defines it.
@@ -315,6 +326,11 @@ def dependency_edges(snodes: Sequence[Any]) -> tuple[list[set[int]], list[str]]:
             if j != i:
                 deps[i].add(j)
     return deps, unresolved
+
+
+def _is_fake_order_dep(dep: Any) -> bool:
+    """A weak dependency that orders without reading (inductor's ``WeakDep(is_fake=True)``)."""
+    return type(dep).__name__ == "WeakDep" and bool(getattr(dep, "is_fake", False))
 
 
 def _is_graph_input(name: str) -> bool:
@@ -385,6 +401,7 @@ class InductorPlanOrder:
         task_of = {name: i for i, t in enumerate(self.plan.tasks) for name in t.nodes}
         origins = [origin_names(sn) for sn in snodes]
         tasks_of = [sorted({task_of[o] for o in names if o in task_of}) for names in origins]
+        self._own_collective_tasks(snodes, tasks_of)
         wanted = [float(ts[-1]) if ts else math.inf for ts in tasks_of]
         deps, unresolved = dependency_edges(snodes)
         self._prefer_windows(wanted, tasks_of, deps)
@@ -395,6 +412,20 @@ class InductorPlanOrder:
         self.report = self._describe(snodes, order, tasks_of, unresolved)
         self.report["predicted_time"] = self._predict(snodes, order, deps)
         return result
+
+    def _own_collective_tasks(self, snodes: list[Any], tasks_of: list[list[int]]) -> None:
+        """A collective's (or wait's) kernel belongs to its issue (wait) task alone. Its origins
+        can hold views of its input or output that the plan puts in other tasks, later ones
+        included; counting those ran a micro-batch's dispatch where its output's first reader is
+        planned, behind the other micro-batch's whole forward (measured on an H200)."""
+        for i, sn in enumerate(snodes):
+            role = ("collective_issue" if _is_collective_kernel(sn)
+                    else "collective_wait" if _is_wait_kernel(sn) else None)
+            if role is None:
+                continue
+            own = [t for t in tasks_of[i] if self.plan.tasks[t].kind == role]
+            if own:
+                tasks_of[i] = own
 
     def _windows(self) -> list[tuple[int, int]]:
         """(issue task, wait task) positions of every collective of the plan that has a wait."""
@@ -492,7 +523,13 @@ class InductorPlanOrder:
             aten = sum(costs.get(o, 0.0) for o in origin_names(sn))
             kernel_costs[names[i]] = {"aten_s": aten, "inductor_s": _estimate(sn)}
         fused_tasks = sum(1 for ts in tasks_of if len(ts) > 1)
+        issues = {c.issue for c in self.analysis.collectives} if self.analysis is not None else set()
         return {
+            # The FX issue nodes of the collectives, in the order the code launches them.
+            "collective_order": [
+                name for i in order if _is_collective_kernel(snodes[i])
+                for name in sorted(origin_names(snodes[i]) & issues)
+            ],
             "kernels": len(snodes),
             "kernel_order": [names[i] for i in order],
             "inductor_order": names,
@@ -596,28 +633,26 @@ def _add_edge(ancestors: list[set[int]], deps: Sequence[set[int]], a: int, b: in
     return ancestors
 
 
-def _is_wait_kernel(snode: Any) -> bool:
+def _ir_is(snode: Any, predicate: str, fallback: str) -> bool:
+    """``graphsched.compat.<predicate>`` on the snode's IR node; on an inductor without it, the
+    IR class name containing ``fallback``."""
     ir = getattr(snode, "node", None)
     try:
-        from graphsched.compat import is_wait
+        from graphsched import compat
 
-        if ir is not None and is_wait(ir):
+        if ir is not None and getattr(compat, predicate)(ir):
             return True
     except Exception:  # noqa: BLE001 - older or newer inductor
         pass
-    return type(ir).__name__ == "_WaitKernel"
+    return fallback in type(ir).__name__
+
+
+def _is_wait_kernel(snode: Any) -> bool:
+    return _ir_is(snode, "is_wait", "_WaitKernel")
 
 
 def _is_collective_kernel(snode: Any) -> bool:
-    ir = getattr(snode, "node", None)
-    try:
-        from graphsched.compat import is_collective
-
-        if ir is not None and is_collective(ir):
-            return True
-    except Exception:  # noqa: BLE001 - older or newer inductor
-        pass
-    return "Collective" in type(ir).__name__
+    return _ir_is(snode, "is_collective", "Collective")
 
 
 def _snode_name(snode: Any, i: int) -> str:

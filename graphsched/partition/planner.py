@@ -46,9 +46,12 @@ def agree_on_costs(analysis: GraphAnalysis) -> None:
 
 
 def plan_key(analysis: GraphAnalysis, world_size: int) -> str:
-    """Cache key: the graph, the cost numbers and the world it was planned for."""
+    """Cache key: the graph, its dependencies as analysed (order-only edges included: a change to
+    the analysis must not reuse a plan made under other constraints), the cost numbers and the
+    world it was planned for."""
     blob = json.dumps(
-        {"graph": analysis.graph_hash, "costs": sorted(analysis.node_costs().items()), "world": world_size},
+        {"graph": analysis.graph_hash, "edges": sorted(analysis.dag.edges()),
+         "costs": sorted(analysis.node_costs().items()), "world": world_size},
         separators=(",", ":"),
     ).encode()
     return hashlib.sha256(blob).hexdigest()[:32]

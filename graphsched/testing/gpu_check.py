@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 import graphsched
 from graphsched.compat import dynamo_reset
+from graphsched.microbatch import micro_batched
 from graphsched.models import MoEGPT, get_preset, make_batch
 
 FP32_REL_TOL = 1e-4
@@ -60,6 +61,10 @@ def modes() -> dict[str, dict[str, Any]]:
     out["inductor"] = {"schedule": "ilp", "codegen": "inductor"}
     out["inductor-chunks2"] = {"schedule": "ilp", "codegen": "inductor", "chunks": 2}
     out["inductor-chunks-auto"] = {"schedule": "ilp", "codegen": "inductor", "chunks": "auto"}
+    # Two micro-batches in one step, checked against eager run on the same micro-batches.
+    out["ilp-mb2"] = {"schedule": "ilp", "codegen": "aten", "micro_batches": 2}
+    out["inductor-mb2"] = {"schedule": "ilp", "codegen": "inductor", "micro_batches": 2}
+    out["inductor-chunks2-mb2"] = {"schedule": "ilp", "codegen": "inductor", "chunks": 2, "micro_batches": 2}
     return out
 
 
@@ -106,6 +111,8 @@ def check_mode(family: str, dtype: str, mode: str, options: dict[str, Any], grou
     dynamo_reset()
     t0 = time.perf_counter()
     eager = build()
+    # The oracle runs the micro-batches the wrapped model runs (gradient accumulation's semantics).
+    oracle = micro_batched(eager, options.get("micro_batches", 1))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         wrapped = graphsched.wrap(build(), cache_dir=cache_dir, solver_time_limit_s=5.0, **options)
@@ -118,7 +125,7 @@ def check_mode(family: str, dtype: str, mode: str, options: dict[str, Any], grou
             idx, tgt = make_batch(config, batch, seed=step, device=device) if optimizer_step else fixed
             for opt in (opt_e, opt_w):
                 opt.zero_grad(set_to_none=True)
-            le = eager(idx, tgt)
+            le = oracle(idx, tgt)
             le.backward()
             lw = wrapped(idx, tgt)
             lw.backward()

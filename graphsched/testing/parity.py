@@ -111,6 +111,7 @@ def run_parity(
     import graphsched
     from graphsched.analysis.labels import GraphKind, NodeKind, Phase
     from graphsched.codegen.inductor import inductor_oracle_backend, resolve_codegen
+    from graphsched.microbatch import micro_batched
     from graphsched.testing.checks import phase_label_violations
     from graphsched.models import get_preset, make_batch
 
@@ -122,9 +123,10 @@ def run_parity(
     # Each mode against its own oracle: eager for the aten executor, torch.compile with inductor
     # (graphsched's partitioner and inductor settings, inductor's order) for codegen="inductor".
     options = {"codegen": "aten", **spec.wrap_options}
-    oracle: Any = eager
+    # With micro-batches the oracle runs the same micro-batches (gradient accumulation).
+    oracle: Any = micro_batched(eager, options.get("micro_batches", 1))
     if resolve_codegen(options["codegen"], device) == "inductor":
-        oracle = torch.compile(eager, backend=inductor_oracle_backend(), dynamic=False)
+        oracle = torch.compile(oracle, backend=inductor_oracle_backend(), dynamic=False)
     graphsched.wrap(wrapped, cost_fn=cost_fn, **options)
     opt_e = torch.optim.AdamW(eager.parameters(), lr=spec.lr)
     opt_w = torch.optim.AdamW(wrapped.parameters(), lr=spec.lr)
