@@ -38,16 +38,23 @@ def _collective_orders(model: torch.nn.Module) -> dict[str, dict[str, list[str]]
     return out
 
 
-def micro_batch_run(rank: int, codegen: str, cache_dir: str, steps: int) -> dict[str, Any]:
-    from graphsched.models import MoEGPT, get_preset, make_batch
-    from graphsched.testing.scheduling import CommHeavyCosts
+def _twin_models() -> tuple[Any, torch.nn.Module, torch.nn.Module]:
+    """The tiny one-layer reference model twice from one seed: (config, eager, to be wrapped)."""
+    from graphsched.models import MoEGPT, get_preset
 
     dynamo_reset()
     config = get_preset("tiny").replace(n_layers=1, top_k=1, capacity_factor=0.5)
     torch.manual_seed(0)
     eager = MoEGPT(config, process_group=dist.group.WORLD)
     torch.manual_seed(0)
-    model = MoEGPT(config, process_group=dist.group.WORLD)
+    return config, eager, MoEGPT(config, process_group=dist.group.WORLD)
+
+
+def micro_batch_run(rank: int, codegen: str, cache_dir: str, steps: int) -> dict[str, Any]:
+    from graphsched.models import make_batch
+    from graphsched.testing.scheduling import CommHeavyCosts
+
+    config, eager, model = _twin_models()
     oracle: Any = micro_batched(eager, 2)
     if codegen == "inductor":
         oracle = torch.compile(oracle, backend=inductor_oracle_backend(), dynamic=False)
@@ -89,15 +96,10 @@ def micro_batch_run(rank: int, codegen: str, cache_dir: str, steps: int) -> dict
 def auto_run(rank: int, cache_dir: str) -> dict[str, Any]:
     """micro_batches="auto" (aten executor): every call against eager on the micro-batches that
     call ran (the choice alternates k = 1, 2 while it measures), then the decision."""
-    from graphsched.models import MoEGPT, get_preset, make_batch
+    from graphsched.models import make_batch
     from graphsched.runtime.measured_choice import MeasuredChoice
 
-    dynamo_reset()
-    config = get_preset("tiny").replace(n_layers=1, top_k=1, capacity_factor=0.5)
-    torch.manual_seed(0)
-    eager = MoEGPT(config, process_group=dist.group.WORLD)
-    torch.manual_seed(0)
-    model = MoEGPT(config, process_group=dist.group.WORLD)
+    config, eager, model = _twin_models()
     graphsched.wrap(model, schedule="ilp", codegen="aten", micro_batches="auto", cache_dir=cache_dir)
     deciding = MeasuredChoice.calls_to_decide()
     rows = []
