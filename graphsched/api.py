@@ -246,7 +246,7 @@ def record(model: nn.Module, rank: int | None = None) -> Iterator[StepRecorder]:
 
 
 def save_plans(model: nn.Module, path: str) -> ModelPlan:
-    """Write the plans of every scheduled graph to ``path`` (reuse with ``wrap(..., plan_file=path)``)."""
+    """Write the plans of every scheduled graph to ``path`` (reuse with ``wrap(..., schedule="ilp", plan_file=path)``)."""
     plans = ModelPlan(plans=captured_plans(model))
     from graphsched.reasons import nothing_to_schedule
 

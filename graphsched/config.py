@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from graphsched.errors import ConfigError
@@ -48,7 +48,6 @@ class GraphschedConfig:
     check_process_groups: bool = True
     #: Free each intermediate tensor right after its last use, as the captured graph does.
     free_after_last_use: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
     #: Micro-chunks per all-to-all region: 1 = off; an int k = every region cut into k chunks
     #: (Tutel-style; at most the region's cut extent); "auto" = per region, the k of
     #: {1, 2, 4, 8} (up to max_chunks) with the least predicted step time.
@@ -102,6 +101,12 @@ class GraphschedConfig:
                 f"chunks={self.chunks!r} must be 1 (off), an integer in 2..max_chunks="
                 f"{self.max_chunks} or \"auto\"; raise max_chunks for more chunks."
             )
+        if self.plan_file is not None and self.schedule != "ilp":
+            raise ConfigError(
+                f"plan_file={os.fspath(self.plan_file)!r} is read by schedule=\"ilp\" only, and "
+                f"schedule={self.schedule!r} would ignore it: pass schedule=\"ilp\" to run the saved "
+                "plans, or drop plan_file."
+            )
         if self.micro_batches != "auto" and self.micro_batches < 1:
             raise ConfigError(
                 f"micro_batches={self.micro_batches!r} must be an integer >= 1 (1: off; 2 lets one "
@@ -145,7 +150,6 @@ _TYPES: dict[str, tuple[Any, str]] = {
     "cache_dir": (lambda v: v is None or isinstance(v, (str, os.PathLike)), _PATH),
     "check_process_groups": (lambda v: isinstance(v, bool), "True or False"),
     "free_after_last_use": (lambda v: isinstance(v, bool), "True or False"),
-    "extra": (lambda v: isinstance(v, dict), "a dict"),
     "chunks": (lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool)), 'an integer or "auto"'),
     "memory_limit_bytes": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "an integer or None"),
     "agreement_timeout_s": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,

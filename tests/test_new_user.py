@@ -41,6 +41,12 @@ def test_a_json_that_is_no_plan_file_says_what_to_pass(tmp_path, content, fragme
     assert "version None" not in str(info.value)
 
 
+def test_a_plan_file_with_a_schedule_that_would_ignore_it_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match='schedule="ilp"') as info:
+        graphsched.wrap(nn.Linear(2, 2), plan_file=str(tmp_path / "plans.json"))  # schedule="identity"
+    assert "ignore" in str(info.value) and "drop plan_file" in str(info.value)
+
+
 # -- nothing to schedule (point 4) --------------------------------------------------------------
 
 def _steps(model, n=2):
@@ -102,7 +108,6 @@ BAD_TYPES = {
     "cache_dir": 1,
     "check_process_groups": 1,
     "free_after_last_use": "true",
-    "extra": [],
     "chunks": "2",
     "memory_limit_bytes": 1.5,
     "agreement_timeout_s": 0,
