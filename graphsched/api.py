@@ -77,12 +77,12 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def make_planner(config: GraphschedConfig) -> Planner:
-    from graphsched.partition.plans import simple_plan
+    from graphsched.schedule.plans import simple_plan
 
     if config.schedule in ("identity", "reverse_independent"):
         return lambda analysis, gm: simple_plan(analysis, gm, config.schedule)
     if config.schedule == "ilp":
-        from graphsched.partition.planner import IlpPlanner
+        from graphsched.schedule.planner import IlpPlanner
 
         return IlpPlanner.from_config(config)
     raise ConfigError(f"schedule={config.schedule!r} has no planner; use one of identity, ilp.")

@@ -1,6 +1,6 @@
 """Import layering of the graphsched package, read from the source with ``ast`` (nothing imported).
 
-Units are the top-level modules and packages of graphsched (``graphsched.api``, ``graphsched.partition``
+Units are the top-level modules and packages of graphsched (``graphsched.api``, ``graphsched.schedule``
 ...) and the package root ``graphsched`` itself. Imports inside one unit are not edges.
 
 * Module-level imports (those that run when a module is imported, class bodies and module-level
@@ -30,8 +30,8 @@ ALLOWED_MODULE_LEVEL_CYCLES: dict[frozenset[str], str] = {}
 #: cycle between units if they ran at import time: (importing module, imported module) -> reason.
 #: The test fails when this list no longer matches the source, so it stays a true record.
 #: None today. The function-level imports that cross units all point along the module-level
-#: layering or between units with no module-level path back: api -> partition / integrations /
-#: fingerprint / reasons, capture -> partition / runtime, integrations -> api, timelines -> api /
+#: layering or between units with no module-level path back: api -> schedule / partition /
+#: integrations / fingerprint / reasons, capture -> partition / runtime, integrations -> api, timelines -> api /
 #: reasons, cli -> timelines, demo -> models / timelines, codegen / partition / testing -> compat
 #: (the lazy torch imports). They defer import cost; none of them is needed to break a cycle.
 FUNCTION_LEVEL_CYCLE_BREAKERS: dict[tuple[str, str], str] = {}

@@ -9,7 +9,7 @@ before AOTAutograd (so the backward is chunked too, consistently, by differentia
    list schedule); ``chunks="auto"`` predicts the step time of the region for every k in
    {1, 2, 4, 8} up to ``max_chunks`` and keeps the fastest: each k's pipeline (per-chunk stage
    costs at the chunked shapes, plus the cost of splitting and joining) is a two-resource
-   ``ScheduleProblem`` solved by ``partition.solve``, so the ILP picks the order for each k and
+   ``ScheduleProblem`` solved by ``schedule.solve``, so the ILP picks the order for each k and
    the k by comparing makespans. A k whose extra buffers exceed ``memory_limit_bytes`` is
    rejected. Identical regions (every layer of a model) are solved once;
 3. rank 0's choices are broadcast (collectives must be issued identically everywhere);
@@ -46,9 +46,6 @@ from graphsched.analysis.costmodel import DeviceSpec, device_of, flat_tensors, f
 from graphsched.compat import TorchDispatchMode
 from graphsched.config import GraphschedConfig
 from graphsched.errors import ConfigError, GraphschedError, GraphschedFallbackWarning
-from graphsched.partition.ilp import solve
-from graphsched.partition.list_schedule import list_schedule
-from graphsched.partition.problem import COLLECTIVE, COMM, COMPUTE, SchedTask, Schedule, ScheduleProblem
 from graphsched.partition.regions import Region, find_regions
 from graphsched.partition.rewrite import CHUNK_TAG, chunk_sizes, rewrite_region, shape_in_chunk
 from graphsched.partition.waits import inline_wait_functions, unwaited_collectives
@@ -63,6 +60,9 @@ from graphsched.partition.split_rules import (
     operands,
     run_call,
 )
+from graphsched.schedule.ilp import solve
+from graphsched.schedule.list_schedule import list_schedule
+from graphsched.schedule.problem import COLLECTIVE, COMM, COMPUTE, SchedTask, Schedule, ScheduleProblem
 
 log = logging.getLogger("graphsched.partition")
 
@@ -191,7 +191,7 @@ def predict(
 ) -> Prediction:
     """Order the forward and backward pipelines of ``len(sizes)`` chunks and time them.
 
-    ``exact``: ``partition.solve`` (list schedule, then the ILP within ``time_limit_s``);
+    ``exact``: ``schedule.solve`` (list schedule, then the ILP within ``time_limit_s``);
     otherwise the list schedule alone.
     """
     costs = costs or pipeline.costs(sizes)

@@ -25,7 +25,6 @@ import torch
 import torch.fx as fx
 
 from graphsched.partition.mutation import conflicts_with_mutation, mutated_roots
-from graphsched.partition.plans import module_path
 from graphsched.partition.split_rules import (
     OUT,
     AllToAll,
@@ -38,6 +37,7 @@ from graphsched.partition.split_rules import (
     is_tensor_node,
     operands,
 )
+from graphsched.schedule.plans import module_path
 
 _CALLS = ("call_function", "call_method")
 
