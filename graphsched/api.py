@@ -136,13 +136,14 @@ def wrap(
     # Measured here, where every rank runs the same code in order; never while compiling.
     needs_comm = cost_fn is None or config.chunks != 1
     comm = measure_comm_model(config.cost_model, device) if needs_comm else None
+    chunking = make_graph_transform(config, comm)
     backend = GraphschedBackend(
         config,
         planner or make_planner(config),
         cost_fn or make_cost_fn(config.cost_model, device, comm, config.cache_dir,
                                 fused=resolve_codegen(config.codegen, device) == "inductor"),
         log,
-        graph_transform=make_graph_transform(config, comm),
+        graph_rewrite=None if chunking is None else chunking.rewrite,
     )
     # dynamic=False: a new input shape recompiles into new static-shape graphs, which the cost
     # model and planner can reason about, instead of symbolic-shape graphs.

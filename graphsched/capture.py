@@ -44,9 +44,10 @@ log = logging.getLogger("graphsched.capture")
 
 #: Chooses the plan of one analysed graph: (analysis, graph module) -> Plan.
 Planner = Callable[[GraphAnalysis, fx.GraphModule], Plan]
-#: Rewrites the Dynamo graph (torch-level IR) before AOTAutograd: (gm, example inputs) -> gm. It
-#: must keep the graph's inputs (order and meaning) and outputs.
-GraphTransform = Callable[[fx.GraphModule, Sequence[Any]], fx.GraphModule]
+#: Rewrites the Dynamo graph (torch-level IR) before AOTAutograd: (gm, example inputs) -> (gm,
+#: decisions). The graph must keep its inputs (order and meaning) and outputs; the decisions
+#: (JSON-able, falsy when there is nothing to say) go into the options of every plan of the graph.
+GraphRewrite = Callable[[fx.GraphModule, Sequence[Any]], tuple[fx.GraphModule, Any]]
 
 
 @dataclass
@@ -111,13 +112,13 @@ class GraphschedBackend:
         planner: Planner,
         cost_fn: CostFn,
         log_: CaptureLog,
-        graph_transform: GraphTransform | None = None,
+        graph_rewrite: GraphRewrite | None = None,
     ) -> None:
         self.config = config
         self.planner = planner
         self.cost_fn = cost_fn
         self.log = log_
-        self.graph_transform = graph_transform
+        self.graph_rewrite = graph_rewrite
         self._warned = False
         self._warned_inductor = False
         self._inductor_deterministic = False
@@ -138,7 +139,7 @@ class GraphschedBackend:
         # Read in the user's thread: inductor's config is thread-local, and AOTAutograd may compile
         # the backward on autograd's thread.
         self._inductor_deterministic = inductor_deterministic()
-        if self.graph_transform is None:
+        if self.graph_rewrite is None:
             return self._aot(gm, example_inputs, f"g{gid}", param_mask, device, None)
         from graphsched.partition.waits import inline_wait_functions
 
@@ -148,10 +149,9 @@ class GraphschedBackend:
         unchanged = fx.GraphModule(gm, gm.graph)
         unchanged.meta = dict(gm.meta)
         # Rewrites before differentiation (e.g. micro-chunking) get their backward from
-        # AOTAutograd, so forward and backward stay consistent by construction.
-        gm = self.graph_transform(gm, example_inputs)
-        # What the rewrite decided (e.g. chunks per region) travels into every plan's options.
-        decisions = gm.meta.get("graphsched_chunks") if hasattr(gm, "meta") else None
+        # AOTAutograd, so forward and backward stay consistent by construction. What the rewrite
+        # decided (e.g. chunks per region) comes back with it and goes into every plan's options.
+        gm, decisions = self.graph_rewrite(gm, example_inputs)
         chunked = any(int(d.get("k", 1)) > 1 for d in (decisions or {}).values())
         if not (chunked and self.config.chunks == "auto" and self.config.measure_chunks):
             return self._aot(gm, example_inputs, f"g{gid}", param_mask, device, decisions)
