@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
+from graphsched.agreement import keeps_alive, verify_same_plan
 from graphsched.analysis.costmodel import device_of
 from graphsched.analysis.graph import CostFn, GraphAnalysis, analyse_graph
 from graphsched.analysis.labels import GraphKind
@@ -37,7 +38,6 @@ from graphsched.config import GraphschedConfig
 from graphsched.errors import ConfigError, GraphschedFallbackWarning, PlanMismatchError, UnwaitedCollectiveError
 from graphsched.plan import Plan
 from graphsched.fingerprint import check_same_graph
-from graphsched.runtime.agreement import keeps_alive, verify_same_plan
 from graphsched.runtime.executor import GraphExecutor
 
 log = logging.getLogger("graphsched.capture")
@@ -161,7 +161,7 @@ class GraphschedBackend:
             "chunked": self._aot(gm, example_inputs, f"g{gid}", param_mask, device, decisions),
             "unchunked": self._aot(unchanged, example_inputs, f"g{gid}u", param_mask, device, None),
         }
-        from graphsched.runtime.agreement import share_from_rank0, world_is_distributed
+        from graphsched.agreement import share_from_rank0, world_is_distributed
         from graphsched.runtime.measured_choice import MeasuredChoice
 
         rank0 = not world_is_distributed() or torch.distributed.get_rank() == 0

@@ -85,7 +85,7 @@ def _agree(decisions: dict[str, Any]) -> dict[str, Any]:
     Shared through the process group's store, not a collective: this runs while compiling, when
     collectives of the eager part of the step may still be queued on the group.
     """
-    from graphsched.runtime.agreement import share_from_rank0
+    from graphsched.agreement import share_from_rank0
 
     return share_from_rank0(decisions, "chunks")
 
