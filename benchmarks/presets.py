@@ -4,7 +4,7 @@ Sizes of the GPU presets follow DESIGN.md's "Where overlap pays": an MoE block o
 ffn 8192, top-2 routing with capacity factor 1.25, 2048-token sequences, bf16, chosen so that the
 emulated communication is 30-60% of the step (compute + communication) at 25 GB/s and at
 12.5 GB/s: measured on an H100 for gpu-e16, 31% and 47% (docs/benchmarks.md). Every figure they give is emulated: one GPU plays one
-rank of a ``virtual_size``-rank expert-parallel group (graphsched.runtime.emulated).
+rank of a ``virtual_size``-rank expert-parallel group (graphsched.testing.emulated).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
     python -m benchmarks.run --preset gpu-e16 --bandwidth 12.5 --steps 20
 
 The process initialises torch.distributed as rank 0 of an emulated expert-parallel group
-(graphsched.runtime.emulated): every number is an emulation of one rank of that group on this one
+(graphsched.testing.emulated): every number is an emulation of one rank of that group on this one
 device, and the record says so (``"emulated": true``). See docs/benchmarks.md for the method.
 """
 
@@ -39,7 +39,7 @@ from benchmarks.report import build_record, check_losses, derived, format_table,
 from benchmarks.variants import BenchContext, VariantResult, run_variant
 from graphsched.errors import ConfigError
 from graphsched.models import make_batch
-from graphsched.runtime.emulated import init_emulated_process_group, new_emulated_group
+from graphsched.testing.emulated import init_emulated_process_group, new_emulated_group
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # GPU records kept: --out
 #: Default home of the JSON records: outside the source tree.

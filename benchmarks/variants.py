@@ -48,7 +48,7 @@ import torch.nn as nn
 from benchmarks.presets import BenchPreset
 from benchmarks.timing import Timing, synchronize, time_steps
 from graphsched.models import MoEGPT
-from graphsched.runtime.emulated import CollectiveCall, EmulatedProcessGroup
+from graphsched.testing.emulated import CollectiveCall, EmulatedProcessGroup
 
 @dataclass
 class BenchContext:

@@ -80,12 +80,12 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def make_planner(config: GraphschedConfig) -> Planner:
-    from graphsched.partition.plans import simple_plan
+    from graphsched.schedule.plans import simple_plan
 
     if config.schedule in ("identity", "reverse_independent"):
         return lambda analysis, gm: simple_plan(analysis, gm, config.schedule)
     if config.schedule == "ilp":
-        from graphsched.partition.planner import IlpPlanner
+        from graphsched.schedule.planner import IlpPlanner
 
         return IlpPlanner.from_config(config)
     raise ConfigError(f"schedule={config.schedule!r} has no planner; use one of identity, ilp.")
@@ -140,10 +140,11 @@ def wrap(
     comm = measure_comm_model(config.cost_model, device) if needs_comm else None
     cost = cost_fn or make_cost_fn(config.cost_model, device, comm, config.cache_dir,
                                    fused=resolve_codegen(config.codegen, device) == "inductor")
-    transform = make_graph_transform(config, comm)
+    chunking = make_graph_transform(config, comm)
 
     def compile_call(count: int, log: CaptureLog) -> Callable[..., Any]:
-        backend = GraphschedBackend(config, planner or make_planner(config), cost, log, graph_transform=transform)
+        backend = GraphschedBackend(config, planner or make_planner(config), cost, log,
+                                    graph_rewrite=None if chunking is None else chunking.rewrite)
         # With micro-batches the split and the join are inside the compiled call: one graph holds
         # every micro-batch, so the plan can overlap one's compute with another's collectives.
         # dynamic=False: a new input shape recompiles into new static-shape graphs, which the
@@ -169,7 +170,7 @@ def _micro_batch_choice(state: GraphschedState, calls: dict[int, Callable[..., A
                         logs: dict[int, CaptureLog], device: torch.device) -> Callable[..., Any]:
     """micro_batches="auto": the compiled calls measured against each other (MicroBatchChoice);
     the chosen count's capture log becomes the model's."""
-    from graphsched.runtime.agreement import share_from_rank0, world_is_distributed
+    from graphsched.agreement import share_from_rank0, world_is_distributed
     from graphsched.runtime.measured_choice import MeasuredChoice
 
     def on_decided(chosen: str, record: Any) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
+from graphsched.agreement import keeps_alive, verify_same_plan
 from graphsched.analysis.costmodel import device_of
 from graphsched.analysis.graph import CostFn, GraphAnalysis, analyse_graph
 from graphsched.analysis.labels import GraphKind
@@ -37,16 +38,16 @@ from graphsched.config import GraphschedConfig
 from graphsched.errors import ConfigError, GraphschedFallbackWarning, PlanMismatchError, UnwaitedCollectiveError
 from graphsched.plan import Plan
 from graphsched.fingerprint import check_same_graph
-from graphsched.runtime.agreement import keeps_alive, verify_same_plan
 from graphsched.runtime.executor import GraphExecutor
 
 log = logging.getLogger("graphsched.capture")
 
 #: Chooses the plan of one analysed graph: (analysis, graph module) -> Plan.
 Planner = Callable[[GraphAnalysis, fx.GraphModule], Plan]
-#: Rewrites the Dynamo graph (torch-level IR) before AOTAutograd: (gm, example inputs) -> gm. It
-#: must keep the graph's inputs (order and meaning) and outputs.
-GraphTransform = Callable[[fx.GraphModule, Sequence[Any]], fx.GraphModule]
+#: Rewrites the Dynamo graph (torch-level IR) before AOTAutograd: (gm, example inputs) -> (gm,
+#: decisions). The graph must keep its inputs (order and meaning) and outputs; the decisions
+#: (JSON-able, falsy when there is nothing to say) go into the options of every plan of the graph.
+GraphRewrite = Callable[[fx.GraphModule, Sequence[Any]], tuple[fx.GraphModule, Any]]
 
 
 @dataclass
@@ -111,13 +112,13 @@ class GraphschedBackend:
         planner: Planner,
         cost_fn: CostFn,
         log_: CaptureLog,
-        graph_transform: GraphTransform | None = None,
+        graph_rewrite: GraphRewrite | None = None,
     ) -> None:
         self.config = config
         self.planner = planner
         self.cost_fn = cost_fn
         self.log = log_
-        self.graph_transform = graph_transform
+        self.graph_rewrite = graph_rewrite
         self._warned = False
         self._warned_inductor = False
         self._inductor_deterministic = False
@@ -138,7 +139,7 @@ class GraphschedBackend:
         # Read in the user's thread: inductor's config is thread-local, and AOTAutograd may compile
         # the backward on autograd's thread.
         self._inductor_deterministic = inductor_deterministic()
-        if self.graph_transform is None:
+        if self.graph_rewrite is None:
             return self._aot(gm, example_inputs, f"g{gid}", param_mask, device, None)
         from graphsched.partition.waits import inline_wait_functions
 
@@ -148,10 +149,9 @@ class GraphschedBackend:
         unchanged = fx.GraphModule(gm, gm.graph)
         unchanged.meta = dict(gm.meta)
         # Rewrites before differentiation (e.g. micro-chunking) get their backward from
-        # AOTAutograd, so forward and backward stay consistent by construction.
-        gm = self.graph_transform(gm, example_inputs)
-        # What the rewrite decided (e.g. chunks per region) travels into every plan's options.
-        decisions = gm.meta.get("graphsched_chunks") if hasattr(gm, "meta") else None
+        # AOTAutograd, so forward and backward stay consistent by construction. What the rewrite
+        # decided (e.g. chunks per region) comes back with it and goes into every plan's options.
+        gm, decisions = self.graph_rewrite(gm, example_inputs)
         chunked = any(int(d.get("k", 1)) > 1 for d in (decisions or {}).values())
         if not (chunked and self.config.chunks == "auto" and self.config.measure_chunks):
             return self._aot(gm, example_inputs, f"g{gid}", param_mask, device, decisions)
@@ -161,7 +161,7 @@ class GraphschedBackend:
             "chunked": self._aot(gm, example_inputs, f"g{gid}", param_mask, device, decisions),
             "unchunked": self._aot(unchanged, example_inputs, f"g{gid}u", param_mask, device, None),
         }
-        from graphsched.runtime.agreement import share_from_rank0, world_is_distributed
+        from graphsched.agreement import share_from_rank0, world_is_distributed
         from graphsched.runtime.measured_choice import MeasuredChoice
 
         rank0 = not world_is_distributed() or torch.distributed.get_rank() == 0

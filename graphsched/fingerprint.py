@@ -17,8 +17,8 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
+from graphsched.agreement import exchange, set_timeout
 from graphsched.errors import PlanMismatchError
-from graphsched.runtime.agreement import exchange, set_timeout
 
 #: Options that may differ between ranks: they change nothing another rank could notice.
 _RANK_LOCAL_OPTIONS = ("cache_dir", "agreement_timeout_s")

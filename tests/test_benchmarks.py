@@ -24,7 +24,7 @@ from benchmarks.timing import Timing
 from benchmarks.variants import VariantResult, replay_ops
 from graphsched.errors import ConfigError, GraphschedError
 from graphsched.models import MoEGPT, get_preset, make_batch
-from graphsched.runtime.emulated import (
+from graphsched.testing.emulated import (
     BACKEND_NAME,
     EmulatedProcessGroup,
     EmulationOptions,

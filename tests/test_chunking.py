@@ -23,23 +23,12 @@ import torch.nn.functional as F
 from graphsched.config import GraphschedConfig
 from graphsched.errors import ConfigError
 from graphsched.models import Experts, MoELayer
-from graphsched.partition.chunking import (
-    PipelineCosts,
-    RegionPipeline,
-    Stage,
-    choose_chunks,
-    fixed_chunks,
-    make_graph_transform,
-)
+from graphsched.partition.chunking import make_graph_transform
+from graphsched.partition.pipeline_model import PipelineCosts, RegionPipeline, Stage, choose_chunks, fixed_chunks
 from graphsched.partition.rewrite import chunk_sizes
-from graphsched.partition.split_rules import (
-    OUT,
-    PARTIAL,
-    Cut,
-    OpShapes,
-    default_rules,
-    map_cut_through_reshape,
-)
+from graphsched.partition.split_kinds import map_cut_through_reshape
+from graphsched.partition.split_rules import default_rules
+from graphsched.partition.split_specs import OUT, PARTIAL, Cut, OpShapes
 from graphsched.testing import run_distributed
 from graphsched.testing.parity import ParitySpec, run_parity
 
@@ -301,7 +290,8 @@ def _region_checks(rank: int) -> dict:
     from graphsched.analysis.commmodel import CommModel
     from graphsched.analysis.costmodel import DeviceSpec
     from graphsched.models import MoEGPT, get_preset, make_batch
-    from graphsched.partition.chunking import AnalyticCoster, region_pipeline
+    from graphsched.partition.costers import AnalyticCoster
+    from graphsched.partition.pipeline_model import region_pipeline
     from graphsched.partition.regions import find_regions
 
     config = get_preset("tiny").replace(**TOP2)

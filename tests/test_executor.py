@@ -10,9 +10,9 @@ from torch._dynamo.backends.common import aot_autograd
 from graphsched.analysis.graph import analyse_graph
 from graphsched.analysis.labels import GraphKind
 from graphsched.errors import PlanError
-from graphsched.partition.plans import captured_order, plan_from_order, reverse_independent_order
 from graphsched.plan import Plan, Task
 from graphsched.runtime.executor import GraphExecutor
+from graphsched.schedule.plans import captured_order, plan_from_order, reverse_independent_order
 
 
 class Net(nn.Module):

@@ -1,14 +1,18 @@
 """Import layering of the graphsched package, read from the source with ``ast`` (nothing imported).
 
-Units are the top-level modules and packages of graphsched (``graphsched.api``, ``graphsched.partition``
-...) and the package root ``graphsched`` itself. Imports inside one unit are not edges.
+Units are the top-level modules and packages of graphsched (``graphsched.api``,
+``graphsched.schedule`` ...) and the package root ``graphsched`` itself. Imports inside one unit
+are not edges.
 
 * Module-level imports (those that run when a module is imported, class bodies and module-level
   ``if``/``try`` included, ``if TYPE_CHECKING:`` blocks excluded) must not form a cycle between units.
 * Function-level imports may close a cycle (that is how a lazy import breaks one); they are listed
   in ``FUNCTION_LEVEL_CYCLE_BREAKERS`` below so a new one is noticed.
-* ``graphsched.runtime.emulated`` (the emulated process group) is test machinery: only
-  ``graphsched.testing`` may import it.
+* ``graphsched.testing.emulated`` (the emulated process group) is test machinery: inside the
+  package only ``graphsched.testing`` may import it (benchmarks/ and tests/, outside the package,
+  use it too).
+* Compile-time code (``COMPILE_TIME``: capture's planning and rewriting steps, the fingerprints and
+  the rank agreement they use) imports nothing from ``graphsched.runtime``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,16 @@ import networkx as nx
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "graphsched"
-EMULATED = "graphsched.runtime.emulated"
+EMULATED = "graphsched.testing.emulated"
+RUNTIME = "graphsched.runtime"
+#: Units that run while graphs are compiled and must not depend on the code that runs them.
+COMPILE_TIME = (
+    "graphsched.agreement",
+    "graphsched.analysis",
+    "graphsched.fingerprint",
+    "graphsched.partition",
+    "graphsched.schedule",
+)
 
 #: Module-level cycles that are accepted, as frozensets of units, each with its reason. None now.
 ALLOWED_MODULE_LEVEL_CYCLES: dict[frozenset[str], str] = {}
@@ -30,10 +43,11 @@ ALLOWED_MODULE_LEVEL_CYCLES: dict[frozenset[str], str] = {}
 #: cycle between units if they ran at import time: (importing module, imported module) -> reason.
 #: The test fails when this list no longer matches the source, so it stays a true record.
 #: None today. The function-level imports that cross units all point along the module-level
-#: layering or between units with no module-level path back: api -> partition / integrations /
-#: fingerprint / reasons, capture -> partition / runtime, integrations -> api, timelines -> api /
-#: reasons, cli -> timelines, demo -> models / timelines, codegen / partition / testing -> compat
-#: (the lazy torch imports). They defer import cost; none of them is needed to break a cycle.
+#: layering or between units with no module-level path back: api -> schedule / partition /
+#: integrations / fingerprint / reasons, capture -> partition / runtime / agreement,
+#: partition -> agreement / analysis, integrations -> api, timelines -> api / reasons,
+#: cli -> timelines, demo -> models / timelines, codegen / partition / testing -> compat (the lazy
+#: torch imports). They defer import cost; none of them is needed to break a cycle.
 FUNCTION_LEVEL_CYCLE_BREAKERS: dict[tuple[str, str], str] = {}
 
 
@@ -155,6 +169,7 @@ def test_function_level_cycle_breakers_are_recorded() -> None:
 
 
 def test_only_testing_imports_the_emulated_process_group() -> None:
+    assert EMULATED in _all_modules(), f"{EMULATED} moved: update EMULATED"
     offenders = [
         f"{i.importer}:{i.line}"
         for i in _all_imports()
@@ -162,6 +177,17 @@ def test_only_testing_imports_the_emulated_process_group() -> None:
         and not (i.importer == "graphsched.testing" or i.importer.startswith("graphsched.testing."))
     ]
     assert not offenders, f"{EMULATED} is test machinery, imported outside graphsched.testing: {offenders}"
+
+
+def test_compile_time_code_does_not_import_the_runtime() -> None:
+    modules = _all_modules()
+    assert all(u in modules for u in COMPILE_TIME), "a COMPILE_TIME unit moved: update the list"
+    offenders = [
+        f"{i.importer}:{i.line} imports {i.imported}"
+        for i in _all_imports()
+        if _unit(i.importer) in COMPILE_TIME and _unit(i.imported) == RUNTIME
+    ]
+    assert not offenders, f"compile-time code imports {RUNTIME}: {offenders}"
 
 
 @pytest.mark.parametrize("name", sorted(__import__("graphsched.compat").compat.LAZY))

@@ -92,10 +92,10 @@ def _auto_chunks_run(rank: int, world_size: int) -> dict:
     from graphsched.analysis.commmodel import CommModel
     from graphsched.analysis.costmodel import DeviceSpec
     from graphsched.models import MoEGPT, get_preset, make_batch
-    from graphsched.partition import chunking
+    from graphsched.partition import chunking, costers
 
     # A slow link: chunking is predicted to pay, so the measured choice runs.
-    chunking.default_coster = lambda config, device, comm=None: chunking.AnalyticCoster(
+    chunking.default_coster = lambda config, device, comm=None: costers.AnalyticCoster(
         DeviceSpec.h100(), CommModel.analytic(1e8, 1e-6))
     config = get_preset("tiny").replace(top_k=2, capacity_factor=0.75)
 

@@ -97,7 +97,7 @@ def test_coarsening_never_groups_nodes_on_both_sides_of_a_wait():
 
     from graphsched.analysis.graph import analyse_graph
     from graphsched.analysis.labels import GraphKind
-    from graphsched.partition.coarsen import coarsen
+    from graphsched.schedule.coarsen import coarsen
 
     g = fx.Graph()
     x = g.placeholder("x")

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from graphsched.errors import GraphschedError
-from graphsched.partition import (
+from graphsched.schedule import (
     COMM,
     COMPUTE,
     RESOURCES,

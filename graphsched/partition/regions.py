@@ -25,19 +25,18 @@ import torch
 import torch.fx as fx
 
 from graphsched.partition.mutation import conflicts_with_mutation, mutated_roots
-from graphsched.partition.plans import module_path
-from graphsched.partition.split_rules import (
+from graphsched.partition.split_kinds import AllToAll
+from graphsched.partition.split_rules import SplitRules, default_rules
+from graphsched.partition.split_specs import (
     OUT,
-    AllToAll,
     Cut,
     Partial,
     Spec,
-    SplitRules,
-    default_rules,
     example_value,
     is_tensor_node,
     operands,
 )
+from graphsched.schedule.plans import module_path
 
 _CALLS = ("call_function", "call_method")
 
@@ -54,7 +53,7 @@ class Region:
     extent: int
     seed: str = ""
     module: str = ""
-    #: Spec of each operand (see ``split_rules.operands``) of each region node: a value cut for
+    #: Spec of each operand (see ``split_specs.operands``) of each region node: a value cut for
     #: one node may be used whole by another.
     uses: dict[fx.Node, list[Spec]] = field(default_factory=dict)
     _members: set[fx.Node] = field(default_factory=set, repr=False)

@@ -32,12 +32,11 @@ import torch.fx as fx
 from graphsched.analysis.graph import ordered_topological_sort
 from graphsched.errors import GraphschedError
 from graphsched.partition.regions import Region
-from graphsched.partition.split_rules import (
+from graphsched.partition.split_rules import SplitRules, default_rules
+from graphsched.partition.split_specs import (
     ChunkCall,
     Cut,
     Partial,
-    SplitRules,
-    default_rules,
     example_value,
     is_tensor_node,
     operands,
@@ -215,7 +214,7 @@ def rewrite_region(
             pieces[u].append(piece)
 
     def chunk_arg(n: fx.Node, i: int) -> Callable[[fx.Node], fx.Node]:
-        # Operands are visited in the order split_rules.operands lists them, so the k-th tensor
+        # Operands are visited in the order split_specs.operands lists them, so the k-th tensor
         # operand met here has the k-th operand spec.
         use_specs = iter(region.operand_specs(n))
 

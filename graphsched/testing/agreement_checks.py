@@ -12,7 +12,7 @@ import torch.distributed as dist
 import graphsched
 from graphsched.compat import dynamo_reset
 from graphsched.errors import GraphschedError
-from graphsched.partition.plans import simple_plan
+from graphsched.schedule.plans import simple_plan
 
 
 def _step(options: dict[str, Any], batch: int, rank: int, planner: Any = None) -> dict[str, Any]:

@@ -14,8 +14,8 @@ from graphsched.analysis.costmodel import CostModel, DeviceSpec, is_collective_n
 from graphsched.analysis.labels import GraphKind, NodeKind, Phase
 from graphsched.compat import dynamo_reset
 from graphsched.errors import PlanMismatchError
-from graphsched.partition.planner import collective_windows
-from graphsched.partition.plans import simple_plan
+from graphsched.schedule.planner import collective_windows
+from graphsched.schedule.plans import simple_plan
 
 
 class CommHeavyCosts:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from graphsched.analysis.graph import GraphAnalysis
 from graphsched.analysis.labels import NodeKind, Phase
-from graphsched.partition.problem import COLLECTIVE, COMM, COMPUTE, WEIGHT_GRAD, SchedTask, ScheduleProblem
+from graphsched.schedule.problem import COLLECTIVE, COMM, COMPUTE, WEIGHT_GRAD, SchedTask, ScheduleProblem
 
 
 @dataclass

@@ -6,7 +6,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
-from graphsched.partition.problem import RESOURCES, OrderError, Schedule, ScheduleProblem
+from graphsched.schedule.problem import RESOURCES, OrderError, Schedule, ScheduleProblem
 
 
 def check_order(problem: ScheduleProblem, order: Sequence[str]) -> None:

@@ -18,18 +18,19 @@ from dataclasses import dataclass
 import torch.distributed as dist
 import torch.fx as fx
 
+from graphsched.agreement import agree_on_costs as agree_costs_across_ranks
+from graphsched.agreement import broadcast_plan, world_is_distributed
 from graphsched.analysis.graph import GraphAnalysis
 from graphsched.analysis.labels import NodeKind
 from graphsched.config import GraphschedConfig, default_cache_dir
 from graphsched.errors import ConfigError
-from graphsched.partition.coarsen import CoarseGraph, coarsen
-from graphsched.partition.ilp import solve, solver_name
-from graphsched.partition.plans import module_path
-from graphsched.partition.problem import COMM, Schedule
-from graphsched.partition.simulate import lower_bound, simulate
 from graphsched.plan import COMM_STREAM, COMPUTE_STREAM, ModelPlan, Plan, Task
-from graphsched.runtime.agreement import agree_on_costs as agree_costs_across_ranks
-from graphsched.runtime.agreement import broadcast_plan, world_is_distributed
+from graphsched.schedule.cbc import solver_name
+from graphsched.schedule.coarsen import CoarseGraph, coarsen
+from graphsched.schedule.ilp import solve
+from graphsched.schedule.plans import module_path
+from graphsched.schedule.problem import COMM, Schedule
+from graphsched.schedule.simulate import lower_bound, simulate
 
 log = logging.getLogger("graphsched.partition")
 

@@ -18,6 +18,10 @@ wait fails with :class:`AgreementTimeoutError`, naming what it awaited and where
 were, once a missing rank has shown no sign of life for ``agreement_timeout_s`` (a rank that died,
 never reached compilation, or waits in another exchange); a rank that is merely slow keeps
 beating and keeps the others waiting.
+
+The module sits at the top of the package, beside ``fingerprint.py``, because the code that uses it
+runs while graphs are compiled (``capture.py``, ``schedule/planner.py``, ``partition/chunking.py``);
+``graphsched.runtime`` does not import it.
 """
 
 from __future__ import annotations

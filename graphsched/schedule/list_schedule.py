@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import time
 
-from graphsched.partition.problem import RESOURCES, Schedule, ScheduleProblem
-from graphsched.partition.simulate import lower_bound, simulate
+from graphsched.schedule.problem import RESOURCES, Schedule, ScheduleProblem
+from graphsched.schedule.simulate import lower_bound, simulate
 
 
 def _time_tolerance(problem: ScheduleProblem) -> float:
