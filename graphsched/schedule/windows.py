@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import pulp
 
+from graphsched.analysis.graph import ordered_topological_sort
 from graphsched.schedule.cbc import HORIZON, add_var, finish, log, run_cbc, tolerance
 from graphsched.schedule.list_schedule import list_schedule
 from graphsched.schedule.problem import COMM, COMPUTE, WEIGHT_GRAD, Schedule, ScheduleProblem
@@ -28,22 +29,6 @@ DEFAULT_WINDOW_TIME_LIMIT_S = 3.0
 _WINDOW_GAP = 1e-3
 #: Grid of the subset sums that cover a window, in parts of the window's capacity.
 _SUBSET_RESOLUTION = 512
-
-
-def _order_from_keys(problem: ScheduleProblem, key: Mapping[str, tuple]) -> list[str]:
-    """The topological order that always issues the ready task with the smallest key."""
-    missing = {t.id: len(t.deps) for t in problem.tasks}
-    ready = [t.id for t in problem.tasks if not t.deps]
-    order: list[str] = []
-    while ready:
-        pick = min(ready, key=lambda t: key[t])
-        ready.remove(pick)
-        order.append(pick)
-        for c in problem.children(pick):
-            missing[c] -= 1
-            if missing[c] == 0:
-                ready.append(c)
-    return order
 
 
 def deferrable_tasks(problem: ScheduleProblem) -> set[str]:
@@ -276,7 +261,8 @@ def _order_with_assignment(
     for t in deferred:
         anchor = core_pos[windows[assigned[t]].comm] if t in assigned else len(core_order)
         key[t] = (anchor, 1, problem.topo_position(t))
-    return _order_from_keys(problem, key)
+    # Keys are distinct (core positions, then topological positions), so the order is unique.
+    return ordered_topological_sort((t.id for t in problem.tasks), problem.children, key.__getitem__)
 
 
 def _fill(
