@@ -456,7 +456,7 @@ def run_deepspeed(
     measure_model(ctx, result, model, groups)
     if graphsched_kind is not None:
         _note_plans(result, model)
-    if ctx.profile_dir is not None:
+    if graphsched_kind is not None and ctx.profile_dir is not None:
         _dump_plans(os.path.join(ctx.profile_dir, f"{ctx.preset.name}_{result.name}.plans.json"), model)
 
 

@@ -97,7 +97,7 @@ def _auto_chunks_run(rank: int, world_size: int) -> dict:
     # A slow link: chunking is predicted to pay, so the measured choice runs.
     chunking.default_coster = lambda config, device, comm=None: costers.AnalyticCoster(
         DeviceSpec.h100(), CommModel.analytic(1e8, 1e-6))
-    config = get_preset("tiny").replace(top_k=2, capacity_factor=0.75)
+    config = get_preset("tiny").replace(top_k=2, capacity_factor=0.75, moe_dispatch="einsum")
 
     def build():
         torch.manual_seed(5)

@@ -43,10 +43,11 @@ class MoEGPTConfig:
     tie_embeddings: bool = False
     #: Parameter dtype, a key of DTYPES; routing and the loss are always computed in float32.
     dtype: str = "float32"
-    #: How MoE layers move tokens to expert slots and back: "einsum" (dense [T, E, C] mask and
-    #: weights, the two einsums graphsched's micro-chunking cuts) or "index" (gathers, as
-    #: DeepSpeed's MOELayer; same routing and values, none of the einsums' work).
-    moe_dispatch: str = "einsum"
+    #: How MoE layers move tokens to expert slots and back: "index" (gathers, as DeepSpeed's
+    #: MOELayer) or "einsum" (dense [T, E, C] mask and weights, as GShard / Tutel's reference
+    #: code): the same routing and values. "index" is the default: on an H200 (gpu-smoke) its
+    #: step's compute is 21.6 ms eager against the einsums' 26.6 (DeepSpeed's 20.8).
+    moe_dispatch: str = "index"
 
     def __post_init__(self) -> None:
         for name in (

@@ -3,14 +3,15 @@
 With an expert-parallel group of size W, rank r holds the experts ``r*E_local .. (r+1)*E_local - 1``
 (``E_local = num_experts / W``). The layer runs
 
-    gate -> dispatch einsum [E, C, d] -> all-to-all -> experts (bmm over [E_local, W*C, d])
-         -> all-to-all back -> combine einsum [T, d]
+    gate -> dispatch [E, C, d] -> all-to-all -> experts (bmm over [E_local, W*C, d])
+         -> all-to-all back -> combine [T, d]
 
-``dispatch="index"`` (``MoEGPTConfig.moe_dispatch``) moves tokens to slots and back by gathers
-instead of the two einsums, as DeepSpeed's MOELayer does: the same slots and values with no dense
-[T, E, C] tensor and none of the einsums' T * E * C * d multiply-adds (at gpu-smoke's sizes those
-are as many as the experts'). The einsum form is the default: graphsched's micro-chunking cuts the
-dispatch einsum's output along C and the combine einsum as a partial sum.
+``dispatch="index"`` (``MoEGPTConfig.moe_dispatch``, the default) moves tokens to slots and back by
+gathers, as DeepSpeed's MOELayer does; ``dispatch="einsum"`` uses the two einsums of GShard and
+Tutel's reference code instead: the same slots and values, but a dense [T, E, C] mask and weights and
+T * E * C * d multiply-adds per einsum (at gpu-smoke's sizes as many as the experts'). graphsched's
+micro-chunking cuts both forms along C: the einsum form's combine as a partial sum, the index form's
+region ending at the combine all-to-all's wait (the combine gather then reads the joined slots).
 
 Both all-to-alls are ``_functional_collectives.all_to_all_single_autograd`` with even splits, so a
 captured graph shows each one as an issue node followed by a wait node, in the forward and the

@@ -128,6 +128,13 @@ def _is_anchor(rules: SplitRules, node: fx.Node) -> bool:
     return bool(rule is not None and (rule.anchor or rule.collective))
 
 
+def _ends_span(rules: SplitRules, node: fx.Node) -> bool:
+    """An anchor, or a collective's wait: with a combine that is no matmul (gathers, as in
+    DeepSpeed's layer) the last anchor is the combine all-to-all, and trimming at it would cut its
+    wait off and, with it (see ``_unwaited_outside``), the all-to-all itself."""
+    return _is_anchor(rules, node) or bool(getattr(rules.lookup(node), "wait", False))
+
+
 # -- seeds -----------------------------------------------------------------------------------
 
 
@@ -258,7 +265,7 @@ def _inputs(n: fx.Node) -> list[fx.Node]:
 
 def _trim(nodes: set[fx.Node], rules: SplitRules) -> set[fx.Node]:
     """Keep the nodes lying on a path between two anchors (inclusive)."""
-    anchors = [n for n in nodes if _is_anchor(rules, n)]
+    anchors = [n for n in nodes if _ends_span(rules, n)]
     after = _reach(anchors, _users, nodes)
     before = _reach(anchors, _inputs, nodes)
     return after & before
