@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 PLAN_FORMAT_VERSION = 1
@@ -21,6 +22,30 @@ COMM_STREAM = "comm"
 STREAMS = (COMPUTE_STREAM, COMM_STREAM)
 
 
+class _StrEnum(str, Enum):
+    """An enum whose members are their strings: equal to them, hashed and printed like them, and
+    written to JSON as them (plan files hold the plain strings)."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+class TaskKind(_StrEnum):
+    """What a task does: compute (views included), a collective's issue, or the wait for one."""
+
+    COMPUTE = "compute"
+    COLLECTIVE_ISSUE = "collective_issue"
+    COLLECTIVE_WAIT = "collective_wait"
+
+
+class Phase(_StrEnum):
+    """The phase of training a node or task belongs to."""
+
+    FORWARD = "forward"
+    INPUT_GRAD = "input_grad"
+    WEIGHT_GRAD = "weight_grad"
+
+
 @dataclass
 class Task:
     """A run of graph nodes executed back to back on one stream."""
@@ -28,10 +53,8 @@ class Task:
     name: str
     nodes: list[str]
     stream: str = COMPUTE_STREAM
-    #: compute | collective_issue | collective_wait | view
-    kind: str = "compute"
-    #: forward | input_grad | weight_grad
-    phase: str = "forward"
+    kind: TaskKind = TaskKind.COMPUTE
+    phase: Phase = Phase.FORWARD
     #: Predicted start and end, seconds from the start of the graph (None when not predicted).
     start: float | None = None
     end: float | None = None
@@ -39,6 +62,15 @@ class Task:
     def __post_init__(self) -> None:
         if self.stream not in STREAMS:
             raise ValueError(f"task {self.name!r}: stream {self.stream!r} is not one of {STREAMS}")
+        # Plain strings (JSON, hand-written plans) become the enum members they name.
+        try:
+            self.kind = TaskKind(self.kind)
+            self.phase = Phase(self.phase)
+        except ValueError as exc:
+            raise ValueError(
+                f"task {self.name!r}: {exc}; a task's kind is one of {[k.value for k in TaskKind]} "
+                f"and its phase one of {[p.value for p in Phase]}"
+            ) from None
 
 
 @dataclass

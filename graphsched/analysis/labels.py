@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from graphsched.analysis.costmodel import is_collective_node, is_view_node, is_wait_node
+from graphsched.plan import Phase  # one Phase for graph nodes and plan tasks
 
 
 class NodeKind(str, Enum):
@@ -30,12 +31,6 @@ class NodeKind(str, Enum):
     COLLECTIVE_WAIT = "collective_wait"
     PLACEHOLDER = "placeholder"
     OUTPUT = "output"
-
-
-class Phase(str, Enum):
-    FORWARD = "forward"
-    INPUT_GRAD = "input_grad"
-    WEIGHT_GRAD = "weight_grad"
 
 
 class GraphKind(str, Enum):

@@ -21,10 +21,9 @@ import torch.fx as fx
 from graphsched.agreement import agree_on_costs as agree_costs_across_ranks
 from graphsched.agreement import broadcast_plan, world_is_distributed
 from graphsched.analysis.graph import GraphAnalysis
-from graphsched.analysis.labels import NodeKind
 from graphsched.config import GraphschedConfig, default_cache_dir
 from graphsched.errors import ConfigError
-from graphsched.plan import COMM_STREAM, COMPUTE_STREAM, ModelPlan, Plan, Task
+from graphsched.plan import COMM_STREAM, COMPUTE_STREAM, ModelPlan, Phase, Plan, Task, TaskKind
 from graphsched.schedule.cbc import solver_name
 from graphsched.schedule.coarsen import CoarseGraph, coarsen
 from graphsched.schedule.ilp import solve
@@ -34,7 +33,7 @@ from graphsched.schedule.simulate import lower_bound, simulate
 
 log = logging.getLogger("graphsched.partition")
 
-_ROLE = {"forward": "fwd", "input_grad": "dX", "weight_grad": "dW"}
+_ROLE = {Phase.FORWARD: "fwd", Phase.INPUT_GRAD: "dX", Phase.WEIGHT_GRAD: "dW"}
 
 
 def agree_on_costs(analysis: GraphAnalysis) -> None:
@@ -68,10 +67,10 @@ def plan_from_schedule(
         nodes = coarse.nodes[tid]
         kind, phase = coarse.kind[tid]
         path = module_path(by_name[nodes[0]]) or "graph"
-        if kind == NodeKind.COLLECTIVE_ISSUE.value:
+        if kind == TaskKind.COLLECTIVE_ISSUE:
             label = f"{path}.{analysis.dag.nodes[nodes[0]]['op'].split('::')[-1]}"
             stream = COMM_STREAM
-        elif kind == NodeKind.COLLECTIVE_WAIT.value:
+        elif kind == TaskKind.COLLECTIVE_WAIT:
             label, stream = f"{path}.wait", COMPUTE_STREAM
         else:
             label, stream = f"{path}.{_ROLE.get(phase, phase)}", COMPUTE_STREAM
@@ -139,7 +138,7 @@ class IlpPlanner:
         captured = simulate(problem, problem.topological_order(), method="as_captured")
         schedule = solve(problem, time_limit_s=self.config.solver_time_limit_s)
         plan = plan_from_schedule(analysis, gm, coarse, schedule)
-        moved = sum(1 for t in tasks_inside_windows(plan, analysis) if t.phase == "weight_grad")
+        moved = sum(1 for t in tasks_inside_windows(plan, analysis) if t.phase == Phase.WEIGHT_GRAD)
         plan.options = {
             "schedule": "ilp",
             "method": schedule.method,

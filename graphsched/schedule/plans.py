@@ -12,8 +12,8 @@ from typing import Sequence
 import torch.fx as fx
 
 from graphsched.analysis.graph import GraphAnalysis, ordered_topological_sort, random_order_edges
-from graphsched.analysis.labels import NodeKind, Phase
-from graphsched.plan import COMM_STREAM, COMPUTE_STREAM, Plan, Task
+from graphsched.analysis.labels import NodeKind
+from graphsched.plan import COMM_STREAM, COMPUTE_STREAM, Phase, Plan, Task, TaskKind
 
 
 def module_path(node: fx.Node) -> str:
@@ -54,15 +54,15 @@ def tasks_from_order(
         path = module_path(by_name[name]) or "graph"
         if kind == NodeKind.COLLECTIVE_ISSUE:
             op = attrs["op"].split("::")[-1]
-            tasks.append(Task(f"{path}.{op}", [name], COMM_STREAM, kind.value, phase.value))
+            tasks.append(Task(f"{path}.{op}", [name], COMM_STREAM, TaskKind.COLLECTIVE_ISSUE, phase))
         elif kind == NodeKind.COLLECTIVE_WAIT:
-            tasks.append(Task(f"{path}.wait", [name], COMPUTE_STREAM, kind.value, phase.value))
+            tasks.append(Task(f"{path}.wait", [name], COMPUTE_STREAM, TaskKind.COLLECTIVE_WAIT, phase))
         else:
             last = tasks[-1] if tasks else None
-            if last is not None and last.kind == "compute" and last.phase == phase.value:
+            if last is not None and last.kind == TaskKind.COMPUTE and last.phase == phase:
                 last.nodes.append(name)
             else:
-                tasks.append(Task(f"{path}.{_ROLE[phase]}", [name], COMPUTE_STREAM, "compute", phase.value))
+                tasks.append(Task(f"{path}.{_ROLE[phase]}", [name], COMPUTE_STREAM, TaskKind.COMPUTE, phase))
     _number_duplicate_names(tasks)
     return tasks
 

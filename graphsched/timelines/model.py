@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from graphsched.errors import ConfigError, GraphschedError
-from graphsched.plan import COMM_STREAM, COMPUTE_STREAM, Plan
+from graphsched.plan import COMM_STREAM, COMPUTE_STREAM, Plan, TaskKind
 
 PREDICTED = "predicted"
 MEASURED = "measured"
 SOURCES = (PREDICTED, MEASURED)
 
-ISSUE = "collective_issue"
-WAIT = "collective_wait"
+ISSUE = TaskKind.COLLECTIVE_ISSUE
+WAIT = TaskKind.COLLECTIVE_WAIT
 
 #: The ``format`` field of a timeline JSON file.
 TIMELINE_FORMAT = "graphsched-timeline"
