@@ -23,11 +23,20 @@ from graphsched.agreement import broadcast_plan, world_is_distributed
 from graphsched.analysis.graph import GraphAnalysis
 from graphsched.config import GraphschedConfig, default_cache_dir
 from graphsched.errors import ConfigError
-from graphsched.plan import COMM_STREAM, COMPUTE_STREAM, ModelPlan, Phase, Plan, Task, TaskKind
+from graphsched.plan import (
+    COMM_STREAM,
+    COMPUTE_STREAM,
+    PLAN_FORMAT_VERSION,
+    ModelPlan,
+    Phase,
+    Plan,
+    Task,
+    TaskKind,
+)
 from graphsched.schedule.cbc import solver_name
 from graphsched.schedule.coarsen import CoarseGraph, coarsen
 from graphsched.schedule.ilp import solve
-from graphsched.schedule.plans import module_path
+from graphsched.schedule.plans import module_path, pair_collectives
 from graphsched.schedule.problem import COMM, Schedule
 from graphsched.schedule.simulate import lower_bound, simulate
 
@@ -48,9 +57,9 @@ def agree_on_costs(analysis: GraphAnalysis) -> None:
 def plan_key(analysis: GraphAnalysis, world_size: int) -> str:
     """Cache key: the graph, its dependencies as analysed (order-only edges included: a change to
     the analysis must not reuse a plan made under other constraints), the cost numbers and the
-    world it was planned for."""
+    world it was planned for, and the plan format (a cached plan of another format is not reused)."""
     blob = json.dumps(
-        {"graph": analysis.graph_hash, "edges": sorted(analysis.dag.edges()),
+        {"format": PLAN_FORMAT_VERSION, "graph": analysis.graph_hash, "edges": sorted(analysis.dag.edges()),
          "costs": sorted(analysis.node_costs().items()), "world": world_size},
         separators=(",", ":"),
     ).encode()
@@ -87,6 +96,7 @@ def plan_from_schedule(
                 end=schedule.end[tid],
             )
         )
+    pair_collectives(tasks, analysis)
     return Plan(
         graph_name=analysis.name,
         graph_hash=analysis.graph_hash,
@@ -138,7 +148,7 @@ class IlpPlanner:
         captured = simulate(problem, problem.topological_order(), method="as_captured")
         schedule = solve(problem, time_limit_s=self.config.solver_time_limit_s)
         plan = plan_from_schedule(analysis, gm, coarse, schedule)
-        moved = sum(1 for t in tasks_inside_windows(plan, analysis) if t.phase == Phase.WEIGHT_GRAD)
+        moved = sum(1 for t in tasks_inside_windows(plan) if t.phase == Phase.WEIGHT_GRAD)
         plan.options = {
             "schedule": "ilp",
             "method": schedule.method,
@@ -186,17 +196,13 @@ class IlpPlanner:
         return Plan.from_json(text)
 
 
-def collective_windows(plan: Plan, analysis: GraphAnalysis) -> list[tuple[int, int]]:
-    """(issue task position, wait task position) of every collective in ``plan``."""
-    position = {n: i for i, t in enumerate(plan.tasks) for n in t.nodes}
-    return [
-        (position[c.issue], position[c.wait])
-        for c in analysis.collectives
-        if c.wait is not None and c.issue in position and c.wait in position
-    ]
+def collective_windows(plan: Plan) -> list[tuple[int, int]]:
+    """(issue task position, wait task position) of every waited collective in ``plan``, in issue
+    order (the plan's own pairs)."""
+    return sorted((issue, wait) for wait, issue in plan.collective_pairs().items())
 
 
-def tasks_inside_windows(plan: Plan, analysis: GraphAnalysis) -> list[Task]:
+def tasks_inside_windows(plan: Plan) -> list[Task]:
     """The tasks issued after some collective's issue and before its wait."""
-    windows = collective_windows(plan, analysis)
+    windows = collective_windows(plan)
     return [t for i, t in enumerate(plan.tasks) if any(a < i < b for a, b in windows)]

@@ -64,7 +64,24 @@ def tasks_from_order(
             else:
                 tasks.append(Task(f"{path}.{_ROLE[phase]}", [name], COMPUTE_STREAM, TaskKind.COMPUTE, phase))
     _number_duplicate_names(tasks)
+    pair_collectives(tasks, analysis)
     return tasks
+
+
+def pair_collectives(tasks: Sequence[Task], analysis: GraphAnalysis) -> None:
+    """Name in every wait task the collective task it completes (``Task.collective``).
+
+    The one place where a plan's collective/wait pairs are made, from the analysis' pairs of issue
+    and wait nodes; run it once the tasks have their final names.
+    """
+    task_of = {n: t for t in tasks for n in t.nodes}
+    for c in analysis.collectives:
+        issue = task_of.get(c.issue)
+        wait = task_of.get(c.wait) if c.wait is not None else None
+        if issue is None or wait is None:
+            continue
+        if issue.kind == TaskKind.COLLECTIVE_ISSUE and wait.kind == TaskKind.COLLECTIVE_WAIT:
+            wait.collective = issue.name
 
 
 def _number_duplicate_names(tasks: list[Task]) -> None:

@@ -47,7 +47,9 @@ def window_report(model: torch.nn.Module) -> dict[str, Any]:
         a, plan = g.analysis, g.plan
         position = {n: i for i, t in enumerate(plan.tasks) for n in t.nodes}
         dag = a.dag
-        for c, (lo, hi) in zip([c for c in a.collectives if c.wait], collective_windows(plan, a)):
+        by_issue = {c.issue: c for c in a.collectives}
+        for lo, hi in collective_windows(plan):
+            c = by_issue[plan.tasks[lo].nodes[0]]
             out["windows"] += 1
             inside = [t for t in plan.tasks[lo + 1 : hi] if t.phase == Phase.WEIGHT_GRAD.value]
             out["dw_in_windows"] += len(inside)

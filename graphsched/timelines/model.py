@@ -95,16 +95,14 @@ class Timeline:
         rank: int = 0,
         *,
         costs: Mapping[str, Mapping[str, float]] | None = None,
-        pairs: Mapping[str, Mapping[str, str]] | None = None,
         graphs: Sequence[str] | None = None,
     ) -> "Timeline":
         """The predicted timeline of one step: each plan's graph after the previous one.
 
         A plan's own ``start``/``end`` times are used when every task has them; otherwise its
         order is simulated (:func:`simulate_plan`) from ``plan.costs`` or, when the plan carries no
-        cost numbers, ``costs[graph]`` (node name -> seconds). ``pairs[graph]`` maps each wait
-        node to its collective's issue node (exact matching; without it the rule of
-        :func:`match_collectives` is used). ``graphs`` picks and orders the graphs; by default a
+        cost numbers, ``costs[graph]`` (node name -> seconds). Each collective is paired with the
+        wait its plan names (``Task.collective``). ``graphs`` picks and orders the graphs; by default a
         training step's graphs (forwards, then backwards in reverse), or the inference graphs when
         there is nothing else.
         """
@@ -116,11 +114,7 @@ class Timeline:
         offset = 0.0
         for g in order:
             plan = plans[g]
-            ivs = plan_intervals(
-                plan,
-                costs=(costs or {}).get(g),
-                pairs=(pairs or {}).get(g),
-            )
+            ivs = plan_intervals(plan, costs=(costs or {}).get(g))
             for iv in ivs:
                 iv.start += offset
                 iv.end += offset
@@ -295,43 +289,10 @@ def step_graph_order(graphs: Iterable[str]) -> list[str]:
     return training if training else inf
 
 
-def _module_of(task_name: str) -> str:
-    """``blocks.1.ffn.all_to_all_single[1]`` -> ``blocks.1.ffn``."""
-    return re.sub(r"\[\d+\]$", "", task_name).rsplit(".", 1)[0]
-
-
-def match_collectives(plan: Plan, node_pairs: Mapping[str, str] | None = None) -> dict[int, int]:
-    """wait task index -> issue task index, for every wait of ``plan``.
-
-    With ``node_pairs`` (wait node -> issue node, from the graph analysis) the match is exact.
-    Without it, a wait takes the earliest still unmatched issue before it from the same module
-    (task names ``<module>.<op>`` and ``<module>.wait``), else the earliest unmatched issue before
-    it. That is right for the plans graphsched makes: a module's collectives complete in the order
-    they were issued.
-    """
-    tasks = plan.tasks
-    matched: dict[int, int] = {}
-    if node_pairs:
-        task_of = {n: i for i, t in enumerate(tasks) for n in t.nodes}
-        for i, t in enumerate(tasks):
-            if t.kind != WAIT:
-                continue
-            for n in t.nodes:
-                src = task_of.get(node_pairs.get(n, ""))
-                if src is not None:
-                    matched[i] = src
-                    break
-        return matched
-    open_issues: list[int] = []
-    for i, t in enumerate(tasks):
-        if t.kind == ISSUE:
-            open_issues.append(i)
-        elif t.kind == WAIT and open_issues:
-            same = [j for j in open_issues if _module_of(tasks[j].name) == _module_of(t.name)]
-            j = same[0] if same else open_issues[0]
-            open_issues.remove(j)
-            matched[i] = j
-    return matched
+def match_collectives(plan: Plan) -> dict[int, int]:
+    """wait task index -> issue task index, for every wait of ``plan`` (the plan's own pairs,
+    ``Task.collective``)."""
+    return plan.collective_pairs()
 
 
 def simulate_plan(
@@ -368,10 +329,9 @@ def plan_intervals(
     plan: Plan,
     *,
     costs: Mapping[str, float] | None = None,
-    pairs: Mapping[str, str] | None = None,
 ) -> list[Interval]:
     """The intervals of one plan's graph, from time 0 (see ``Timeline.from_plans``)."""
-    waits = match_collectives(plan, pairs)
+    waits = match_collectives(plan)
     if plan.tasks and all(t.start is not None and t.end is not None for t in plan.tasks):
         times = [(float(t.start), float(t.end)) for t in plan.tasks]  # type: ignore[arg-type]
     else:
