@@ -23,27 +23,15 @@ from graphsched.agreement import broadcast_plan, world_is_distributed
 from graphsched.analysis.graph import GraphAnalysis
 from graphsched.config import GraphschedConfig, default_cache_dir
 from graphsched.errors import ConfigError
-from graphsched.plan import (
-    COMM_STREAM,
-    COMPUTE_STREAM,
-    PLAN_FORMAT_VERSION,
-    ModelPlan,
-    Phase,
-    Plan,
-    Task,
-    TaskKind,
-)
+from graphsched.plan import PLAN_FORMAT_VERSION, ModelPlan, Phase, Plan, Task
 from graphsched.schedule.cbc import solver_name
 from graphsched.schedule.coarsen import CoarseGraph, coarsen
 from graphsched.schedule.ilp import solve
-from graphsched.schedule.plans import module_path, pair_collectives
+from graphsched.schedule.plans import finish_tasks, stream_of, task_label
 from graphsched.schedule.problem import COMM, Schedule
 from graphsched.schedule.simulate import lower_bound, simulate
 
 log = logging.getLogger("graphsched.partition")
-
-_ROLE = {Phase.FORWARD: "fwd", Phase.INPUT_GRAD: "dX", Phase.WEIGHT_GRAD: "dW"}
-
 
 def agree_on_costs(analysis: GraphAnalysis) -> None:
     """Replace each node's cost by the maximum over ranks, so every rank plans from equal numbers."""
@@ -71,32 +59,21 @@ def plan_from_schedule(
 ) -> Plan:
     by_name = {n.name: n for n in gm.graph.nodes}
     tasks: list[Task] = []
-    names: dict[str, int] = {}
     for tid in schedule.order:
         nodes = coarse.nodes[tid]
         kind, phase = coarse.kind[tid]
-        path = module_path(by_name[nodes[0]]) or "graph"
-        if kind == TaskKind.COLLECTIVE_ISSUE:
-            label = f"{path}.{analysis.dag.nodes[nodes[0]]['op'].split('::')[-1]}"
-            stream = COMM_STREAM
-        elif kind == TaskKind.COLLECTIVE_WAIT:
-            label, stream = f"{path}.wait", COMPUTE_STREAM
-        else:
-            label, stream = f"{path}.{_ROLE.get(phase, phase)}", COMPUTE_STREAM
-        count = names.get(label, 0)
-        names[label] = count + 1
         tasks.append(
             Task(
-                name=label if count == 0 else f"{label}[{count}]",
+                name=task_label(analysis, by_name[nodes[0]], kind, phase),
                 nodes=list(nodes),
-                stream=stream,
+                stream=stream_of(kind),
                 kind=kind,
                 phase=phase,
                 start=schedule.start[tid],
                 end=schedule.end[tid],
             )
         )
-    pair_collectives(tasks, analysis)
+    finish_tasks(tasks, analysis)
     return Plan(
         graph_name=analysis.name,
         graph_hash=analysis.graph_hash,

@@ -12,8 +12,8 @@ from typing import Sequence
 import torch.fx as fx
 
 from graphsched.analysis.graph import GraphAnalysis, ordered_topological_sort, random_order_edges
-from graphsched.analysis.labels import NodeKind
 from graphsched.plan import COMM_STREAM, COMPUTE_STREAM, Phase, Plan, Task, TaskKind
+from graphsched.schedule.coarsen import task_kind
 
 
 def module_path(node: fx.Node) -> str:
@@ -34,7 +34,40 @@ def _clean_path(path: str) -> str:
     return path.replace("[", ".").replace("]", "").replace("'", "")
 
 
+#: The role of a compute task in its name, by phase.
 _ROLE = {Phase.FORWARD: "fwd", Phase.INPUT_GRAD: "dX", Phase.WEIGHT_GRAD: "dW"}
+
+
+def task_label(analysis: GraphAnalysis, node: fx.Node, kind: TaskKind, phase: Phase) -> str:
+    """The name of a task whose first node is ``node``, before duplicates are numbered:
+    ``<module>.<collective op>`` for a collective, ``<module>.wait`` for a wait and
+    ``<module>.fwd|dX|dW`` for compute (``graph`` when the node has no module)."""
+    path = module_path(node) or "graph"
+    if kind == TaskKind.COLLECTIVE_ISSUE:
+        return f"{path}.{analysis.dag.nodes[node.name]['op'].split('::')[-1]}"
+    if kind == TaskKind.COLLECTIVE_WAIT:
+        return f"{path}.wait"
+    return f"{path}.{_ROLE[phase]}"
+
+
+def stream_of(kind: TaskKind) -> str:
+    """Collectives run on the communication stream, everything else (waits too) on compute."""
+    return COMM_STREAM if kind == TaskKind.COLLECTIVE_ISSUE else COMPUTE_STREAM
+
+
+def finish_tasks(tasks: Sequence[Task], analysis: GraphAnalysis) -> None:
+    """Give tasks named by :func:`task_label` their final names and pair waits with collectives.
+
+    Of the tasks that share a label the first keeps it and the later ones get ``[1]``, ``[2]``, ...
+    in plan order. Every way of making a plan ends here, so names and pairs are made one way.
+    """
+    seen: dict[str, int] = {}
+    for t in tasks:
+        count = seen.get(t.name, 0)
+        seen[t.name] = count + 1
+        if count:
+            t.name = f"{t.name}[{count}]"
+    pair_collectives(tasks, analysis)
 
 
 def tasks_from_order(
@@ -49,22 +82,15 @@ def tasks_from_order(
     tasks: list[Task] = []
     for name in order:
         attrs = analysis.dag.nodes[name]
-        kind: NodeKind = attrs["kind"]
+        kind = task_kind(attrs["kind"])
         phase: Phase = attrs["phase"] or Phase.FORWARD
-        path = module_path(by_name[name]) or "graph"
-        if kind == NodeKind.COLLECTIVE_ISSUE:
-            op = attrs["op"].split("::")[-1]
-            tasks.append(Task(f"{path}.{op}", [name], COMM_STREAM, TaskKind.COLLECTIVE_ISSUE, phase))
-        elif kind == NodeKind.COLLECTIVE_WAIT:
-            tasks.append(Task(f"{path}.wait", [name], COMPUTE_STREAM, TaskKind.COLLECTIVE_WAIT, phase))
-        else:
-            last = tasks[-1] if tasks else None
-            if last is not None and last.kind == TaskKind.COMPUTE and last.phase == phase:
-                last.nodes.append(name)
-            else:
-                tasks.append(Task(f"{path}.{_ROLE[phase]}", [name], COMPUTE_STREAM, TaskKind.COMPUTE, phase))
-    _number_duplicate_names(tasks)
-    pair_collectives(tasks, analysis)
+        last = tasks[-1] if tasks else None
+        if kind == TaskKind.COMPUTE and last is not None and last.kind == TaskKind.COMPUTE and last.phase == phase:
+            last.nodes.append(name)
+            continue
+        label = task_label(analysis, by_name[name], kind, phase)
+        tasks.append(Task(label, [name], stream_of(kind), kind, phase))
+    finish_tasks(tasks, analysis)
     return tasks
 
 
@@ -82,18 +108,6 @@ def pair_collectives(tasks: Sequence[Task], analysis: GraphAnalysis) -> None:
             continue
         if issue.kind == TaskKind.COLLECTIVE_ISSUE and wait.kind == TaskKind.COLLECTIVE_WAIT:
             wait.collective = issue.name
-
-
-def _number_duplicate_names(tasks: list[Task]) -> None:
-    counts: dict[str, int] = {}
-    for t in tasks:
-        counts[t.name] = counts.get(t.name, 0) + 1
-    seen: dict[str, int] = {}
-    for t in tasks:
-        if counts[t.name] > 1:
-            i = seen.get(t.name, 0)
-            seen[t.name] = i + 1
-            t.name = f"{t.name}[{i}]"
 
 
 def captured_order(gm: fx.GraphModule) -> list[str]:
