@@ -24,6 +24,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from graphsched.errors import ConfigError, GraphschedError
 from graphsched.plan import COMM_STREAM, COMPUTE_STREAM, Plan, TaskKind
+from graphsched.schedule.problem import COMM, COMPUTE, SchedTask, ScheduleProblem
+from graphsched.schedule.simulate import simulate
 
 PREDICTED = "predicted"
 MEASURED = "measured"
@@ -300,27 +302,36 @@ def simulate_plan(
 ) -> list[tuple[float, float]]:
     """Predicted (start, end) of every task of ``plan``, from node costs in seconds.
 
-    Two in-order streams, as the runtime runs them. A compute-stream task starts when the previous
-    one ends. A wait ends when its collective (``waits``: wait index -> issue index) has ended; it
-    is where the compute stream stalls. A collective starts when the comm stream is free and every
-    compute-stream task listed before it has ended (its input comes from one of them: a
-    conservative stand-in for the exact dependency, which the plan file does not carry).
+    The plan's order on the scheduler's two in-order resources (``graphsched.schedule.simulate``),
+    as the runtime runs them. A compute-stream task starts when the previous one ends. A wait ends
+    when its collective (``waits``: wait index -> issue index) has ended; it is shown from the end
+    of the compute before it, where the compute stream stalls. A collective starts when the comm
+    stream is free and every compute-stream task listed before it has ended (its input comes from
+    one of them: a conservative stand-in for the exact dependency, which the plan file does not
+    carry).
     """
-    times: list[tuple[float, float]] = []
-    compute_free = comm_free = 0.0
+    tasks: list[SchedTask] = []
+    before: list[str | None] = []  # the compute-stream task listed last before each task
+    last_compute: str | None = None
     for i, t in enumerate(plan.tasks):
+        tid = str(i)
         duration = sum(float(costs.get(n, 0.0)) for n in t.nodes)
+        before.append(last_compute)
         if t.kind == ISSUE or t.stream == COMM_STREAM:
-            start = max(comm_free, compute_free)
-            end = comm_free = start + duration
-        elif t.kind == WAIT:
-            start = compute_free
-            src = waits.get(i)
-            ready = times[src][1] if src is not None and src < len(times) else start
-            end = compute_free = max(start, ready) + duration
-        else:
-            start = compute_free
-            end = compute_free = start + duration
+            deps = () if last_compute is None else (last_compute,)
+            tasks.append(SchedTask(tid, COMM, duration, deps))
+            continue
+        src = waits.get(i) if t.kind == WAIT else None
+        deps = (str(src),) if src is not None and src < i else ()
+        tasks.append(SchedTask(tid, COMPUTE, duration, deps))
+        last_compute = tid
+    schedule = simulate(ScheduleProblem(tasks), [t.id for t in tasks], method="as_planned")
+    times: list[tuple[float, float]] = []
+    for i, t in enumerate(plan.tasks):
+        start, end = schedule.start[str(i)], schedule.end[str(i)]
+        if t.kind == WAIT and t.stream != COMM_STREAM:
+            prev = before[i]
+            start = schedule.end[prev] if prev is not None else 0.0
         times.append((start, end))
     return times
 
