@@ -49,7 +49,7 @@ def _collective_bits(analysis: GraphAnalysis) -> tuple[dict[str, int], dict[str,
     points = [
         n
         for n in analysis.order
-        if dag.nodes[n]["kind"] in (NodeKind.COLLECTIVE_ISSUE, NodeKind.COLLECTIVE_WAIT)
+        if analysis.node(n).kind in (NodeKind.COLLECTIVE_ISSUE, NodeKind.COLLECTIVE_WAIT)
     ]
     bit = {n: 1 << i for i, n in enumerate(points)}
     anc: dict[str, int] = {}
@@ -75,15 +75,15 @@ def coarsen(analysis: GraphAnalysis) -> CoarseGraph:
     kinds: dict[str, tuple[TaskKind, Phase]] = {}
     group_ids: dict[tuple, str] = {}
     for n in analysis.order:
-        attrs = dag.nodes[n]
-        kind = attrs["kind"]
+        info = analysis.node(n)
+        kind = info.kind
         if kind in (NodeKind.PLACEHOLDER, NodeKind.OUTPUT):
             continue
-        phase = attrs["phase"] or Phase.FORWARD
+        phase = info.phase or Phase.FORWARD
         if kind in (NodeKind.COLLECTIVE_ISSUE, NodeKind.COLLECTIVE_WAIT):
             tid = f"{'c' if kind == NodeKind.COLLECTIVE_ISSUE else 'w'}:{n}"
         else:
-            key = (phase, anc[n], desc[n], attrs.get("grad_target"))
+            key = (phase, anc[n], desc[n], info.grad_target)
             if key not in group_ids:
                 group_ids[key] = f"t{len(group_ids)}:{phase.value}"
             tid = group_ids[key]
@@ -106,6 +106,6 @@ def coarsen(analysis: GraphAnalysis) -> CoarseGraph:
         else:
             resource = COMPUTE
             tags = frozenset({WEIGHT_GRAD}) if phase == Phase.WEIGHT_GRAD else frozenset()
-        duration = sum(float(dag.nodes[m]["cost"]) for m in nodes)
+        duration = sum(float(analysis.node(m).cost) for m in nodes)
         tasks.append(SchedTask(tid, resource, duration, tuple(sorted(deps[tid])), tags))
     return CoarseGraph(ScheduleProblem(tasks), members, kinds)

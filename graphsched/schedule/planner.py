@@ -39,7 +39,7 @@ def agree_on_costs(analysis: GraphAnalysis) -> None:
         return
     agreed = agree_costs_across_ranks(analysis.node_costs())
     for name, cost in agreed.items():
-        analysis.dag.nodes[name]["cost"] = cost
+        analysis.node(name).cost = cost
 
 
 def plan_key(analysis: GraphAnalysis, world_size: int) -> str:

@@ -44,7 +44,7 @@ def task_label(analysis: GraphAnalysis, node: fx.Node, kind: TaskKind, phase: Ph
     ``<module>.fwd|dX|dW`` for compute (``graph`` when the node has no module)."""
     path = module_path(node) or "graph"
     if kind == TaskKind.COLLECTIVE_ISSUE:
-        return f"{path}.{analysis.dag.nodes[node.name]['op'].split('::')[-1]}"
+        return f"{path}.{analysis.node(node.name).op.split('::')[-1]}"
     if kind == TaskKind.COLLECTIVE_WAIT:
         return f"{path}.wait"
     return f"{path}.{_ROLE[phase]}"
@@ -81,9 +81,9 @@ def tasks_from_order(
     by_name = {n.name: n for n in gm.graph.nodes}
     tasks: list[Task] = []
     for name in order:
-        attrs = analysis.dag.nodes[name]
-        kind = task_kind(attrs["kind"])
-        phase: Phase = attrs["phase"] or Phase.FORWARD
+        info = analysis.node(name)
+        kind = task_kind(info.kind)
+        phase: Phase = info.phase or Phase.FORWARD
         last = tasks[-1] if tasks else None
         if kind == TaskKind.COMPUTE and last is not None and last.kind == TaskKind.COMPUTE and last.phase == phase:
             last.nodes.append(name)

@@ -64,10 +64,10 @@ def window_report(model: torch.nn.Module) -> dict[str, Any]:
                     for p in dag.predecessors(n)
                     if p in position and p not in t.nodes
                 )
-                if deps_ready and dag.nodes[t.nodes[0]]["kind"] == NodeKind.COMPUTE:
+                if deps_ready and a.node(t.nodes[0]).kind == NodeKind.COMPUTE:
                     candidates.append(t.name)
             other_compute = sum(
-                dag.nodes[n]["cost"] for t in plan.tasks[lo + 1 : hi] for n in t.nodes
+                a.node(n).cost for t in plan.tasks[lo + 1 : hi] for n in t.nodes
             )
             if candidates and not inside and other_compute < c.cost:
                 out["unfilled_with_candidates"].append((c.issue, candidates[:3]))

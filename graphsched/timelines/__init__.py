@@ -66,7 +66,7 @@ def timeline(model: nn.Module, step_fn: Callable[[], Any] | None = None, rank: i
         )
     analyses = {a.name: a for a in api.captured_analyses(model)}
     costs = {
-        name: {n: float(a.dag.nodes[n].get("cost", 0.0)) for n in a.order} for name, a in analyses.items()
+        name: {n: float(a.node(n).cost) for n in a.order} for name, a in analyses.items()
     }
     graphs = step_graph_order(plans)
     if measured is not None:
