@@ -12,13 +12,49 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
-PLAN_FORMAT_VERSION = 1
+#: 2: every wait task names the collective task it completes (``Task.collective``).
+PLAN_FORMAT_VERSION = 2
 
 COMPUTE_STREAM = "compute"
 COMM_STREAM = "comm"
 STREAMS = (COMPUTE_STREAM, COMM_STREAM)
+
+
+class _StrEnum(str, Enum):
+    """An enum whose members are their strings: equal to them, hashed and printed like them, and
+    written to JSON as them (plan files hold the plain strings)."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+class TaskKind(_StrEnum):
+    """What a task does: compute (views included), a collective's issue, or the wait for one."""
+
+    COMPUTE = "compute"
+    COLLECTIVE_ISSUE = "collective_issue"
+    COLLECTIVE_WAIT = "collective_wait"
+
+
+class Phase(_StrEnum):
+    """The phase of training a node or task belongs to."""
+
+    FORWARD = "forward"
+    INPUT_GRAD = "input_grad"
+    WEIGHT_GRAD = "weight_grad"
+
+
+def _version_error(what: str, version: object) -> str:
+    return (
+        f"{what} version {version!r} is not supported (this graphsched reads version "
+        f"{PLAN_FORMAT_VERSION}, whose wait tasks name their collective); the file was written by "
+        "another version of graphsched. Re-plan: delete the file (and drop plan_file= if it was "
+        "passed), run a step so graphsched plans again, and write it anew with "
+        "graphsched.save_plans(model, path)."
+    )
 
 
 @dataclass
@@ -28,17 +64,26 @@ class Task:
     name: str
     nodes: list[str]
     stream: str = COMPUTE_STREAM
-    #: compute | collective_issue | collective_wait | view
-    kind: str = "compute"
-    #: forward | input_grad | weight_grad
-    phase: str = "forward"
+    kind: TaskKind = TaskKind.COMPUTE
+    phase: Phase = Phase.FORWARD
     #: Predicted start and end, seconds from the start of the graph (None when not predicted).
     start: float | None = None
     end: float | None = None
+    #: A wait task: the name of the collective task (same plan) whose transfer it waits for.
+    collective: str | None = None
 
     def __post_init__(self) -> None:
         if self.stream not in STREAMS:
             raise ValueError(f"task {self.name!r}: stream {self.stream!r} is not one of {STREAMS}")
+        # Plain strings (JSON, hand-written plans) become the enum members they name.
+        try:
+            self.kind = TaskKind(self.kind)
+            self.phase = Phase(self.phase)
+        except ValueError as exc:
+            raise ValueError(
+                f"task {self.name!r}: {exc}; a task's kind is one of {[k.value for k in TaskKind]} "
+                f"and its phase one of {[p.value for p in Phase]}"
+            ) from None
 
 
 @dataclass
@@ -56,8 +101,33 @@ class Plan:
     predicted_time: float | None = None
     version: int = PLAN_FORMAT_VERSION
 
+    def __post_init__(self) -> None:
+        issues: dict[str, int] = {}
+        for t in self.tasks:
+            if t.kind == TaskKind.COLLECTIVE_ISSUE:
+                issues[t.name] = issues.get(t.name, 0) + 1
+        for t in self.tasks:
+            if t.collective is None:
+                continue
+            if t.kind != TaskKind.COLLECTIVE_WAIT:
+                raise ValueError(
+                    f"task {t.name!r} ({t.kind}) names a collective ({t.collective!r}); only wait "
+                    "tasks name the collective they complete."
+                )
+            if issues.get(t.collective) != 1:
+                found = "no" if t.collective not in issues else "more than one"
+                raise ValueError(
+                    f"wait task {t.name!r} completes {t.collective!r}, but the plan has {found} "
+                    "collective task of that name; name one collective task of the same plan."
+                )
+
     def node_order(self) -> list[str]:
         return [n for t in self.tasks for n in t.nodes]
+
+    def collective_pairs(self) -> dict[int, int]:
+        """Wait task index -> index of the collective task it completes, for every paired wait."""
+        index = {t.name: i for i, t in enumerate(self.tasks) if t.kind == TaskKind.COLLECTIVE_ISSUE}
+        return {i: index[t.collective] for i, t in enumerate(self.tasks) if t.collective is not None}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -66,10 +136,7 @@ class Plan:
     def from_dict(cls, data: dict[str, Any]) -> "Plan":
         version = data.get("version")
         if version != PLAN_FORMAT_VERSION:
-            raise ValueError(
-                f"plan format version {version!r} is not supported (this graphsched reads "
-                f"version {PLAN_FORMAT_VERSION}); re-plan with this version of graphsched."
-            )
+            raise ValueError(_version_error("plan format", version))
         fields = dict(data)
         fields["tasks"] = [Task(**t) for t in data["tasks"]]
         return cls(**fields)
@@ -129,8 +196,5 @@ class ModelPlan:
                 "plan.json of graphsched demo"
             )
         if data.get("version") != PLAN_FORMAT_VERSION:
-            raise ValueError(
-                f"plan file version {data.get('version')!r} is not supported; re-plan with this "
-                "version of graphsched."
-            )
+            raise ValueError(_version_error("plan file", data.get("version")))
         return cls(plans={k: Plan.from_dict(v) for k, v in data["plans"].items()})

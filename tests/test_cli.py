@@ -17,7 +17,7 @@ def forward_plan() -> Plan:
         Task("a.fwd", ["n0"], "compute", "compute", "forward", 0.0, 1.0),
         Task("m.all_to_all_single", ["c0"], "comm", "collective_issue", "forward", 1.0, 3.0),
         Task("b.fwd", ["n1"], "compute", "compute", "forward", 1.0, 2.0),
-        Task("m.wait", ["w0"], "compute", "collective_wait", "forward", 3.0, 3.0),
+        Task("m.wait", ["w0"], "compute", "collective_wait", "forward", 3.0, 3.0, collective="m.all_to_all_single"),
         Task("m.fwd", ["n2"], "compute", "compute", "forward", 3.0, 4.0),
     ], options={"schedule": "ilp"})
 
@@ -28,7 +28,7 @@ def backward_plan() -> Plan:
         Task("m.dX", ["d0"], "compute", "compute", "input_grad"),
         Task("m.all_to_all_single", ["c1"], "comm", "collective_issue", "input_grad"),
         Task("m.dW", ["d1"], "compute", "compute", "weight_grad"),
-        Task("m.wait", ["w1"], "compute", "collective_wait", "input_grad"),
+        Task("m.wait", ["w1"], "compute", "collective_wait", "input_grad", collective="m.all_to_all_single"),
         Task("m.dX[1]", ["d2"], "compute", "compute", "input_grad"),
     ], options={"schedule": "identity"}, costs={"d0": 1.0, "c1": 2.0, "d1": 1.5, "d2": 0.5})
 

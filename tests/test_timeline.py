@@ -36,7 +36,7 @@ def forward_plan() -> Plan:
         Task("a.fwd", ["n0"], "compute", "compute", "forward", 0.0, 1.0),
         Task("m.all_to_all_single", ["c0"], "comm", "collective_issue", "forward", 1.0, 3.0),
         Task("b.fwd", ["n1"], "compute", "compute", "forward", 1.0, 2.0),
-        Task("m.wait", ["w0"], "compute", "collective_wait", "forward", 3.0, 3.0),
+        Task("m.wait", ["w0"], "compute", "collective_wait", "forward", 3.0, 3.0, collective="m.all_to_all_single"),
         Task("m.fwd", ["n2"], "compute", "compute", "forward", 3.0, 4.0),
     ]
     return Plan("g0.forward", "h-fwd", tasks, options={"schedule": "ilp", "status": "optimal",
@@ -49,7 +49,7 @@ def backward_plan() -> Plan:
         Task("m.dX", ["d0"], "compute", "compute", "input_grad"),
         Task("m.all_to_all_single", ["c1"], "comm", "collective_issue", "input_grad"),
         Task("m.dW", ["d1"], "compute", "compute", "weight_grad"),
-        Task("m.wait", ["w1"], "compute", "collective_wait", "input_grad"),
+        Task("m.wait", ["w1"], "compute", "collective_wait", "input_grad", collective="m.all_to_all_single"),
         Task("m.dX[1]", ["d2", "v0"], "compute", "compute", "input_grad"),
     ]
     costs = {"d0": 1.0, "c1": 2.0, "d1": 1.5, "d2": 0.5}
@@ -111,18 +111,22 @@ def test_graphs_follow_each_other_and_inference_is_left_out_of_a_training_step()
     assert tl.options["g0.forward"]["chunks"] == {"m": 2}
 
 
-def test_waits_match_their_module_s_earliest_open_collective_or_the_exact_pairs_given():
+def test_waits_match_the_collective_their_plan_names():
     tasks = [
         Task("p.all_to_all_single", ["c0"], "comm", "collective_issue"),
         Task("q.all_to_all_single", ["c1"], "comm", "collective_issue"),
         Task("p.all_to_all_single[1]", ["c2"], "comm", "collective_issue"),
-        Task("q.wait", ["w1"], "compute", "collective_wait"),
-        Task("p.wait", ["w0"], "compute", "collective_wait"),
-        Task("p.wait[1]", ["w2"], "compute", "collective_wait"),
+        Task("q.wait", ["w1"], "compute", "collective_wait", collective="q.all_to_all_single"),
+        Task("p.wait", ["w0"], "compute", "collective_wait", collective="p.all_to_all_single[1]"),
+        Task("p.wait[1]", ["w2"], "compute", "collective_wait", collective="p.all_to_all_single"),
     ]
     plan = Plan("g0.forward", "h", tasks)
-    assert match_collectives(plan) == {3: 1, 4: 0, 5: 2}
-    assert match_collectives(plan, {"w1": "c1", "w0": "c2", "w2": "c0"}) == {3: 1, 4: 2, 5: 0}
+    assert match_collectives(plan) == {3: 1, 4: 2, 5: 0}
+    # A wait without a named collective is paired with nothing (no guess from task names).
+    tasks[3].collective = None
+    assert match_collectives(plan) == {4: 2, 5: 0}
+    with pytest.raises(ValueError, match="no collective task"):
+        Plan("g0.forward", "h", tasks[:2] + [Task("x.wait", ["w9"], "compute", "collective_wait", collective="nope")])
 
 
 def test_a_plan_without_times_or_costs_names_the_fix():

@@ -1,9 +1,10 @@
 """The dependency graph of one captured FX graph, with labels, costs and overlap regions.
 
 ``analyse_graph`` turns a GraphModule into a :class:`GraphAnalysis`: a networkx DAG whose nodes are
-FX node names carrying ``kind``, ``phase``, ``op`` and ``cost`` attributes, plus, for every
-collective, the region of compute that neither feeds it nor depends on it (what could run while it
-is in flight) and that region's estimated cost.
+FX node names, each carrying a :class:`NodeInfo` (kind, phase, op, cost, gradient target), plus,
+for every collective, the region of compute that neither feeds it nor depends on it (what could run
+while it is in flight) and that region's estimated cost. Read a node's record with
+``GraphAnalysis.node(name)``; this module is the only one that knows how the DAG stores it.
 """
 
 from __future__ import annotations
@@ -65,6 +66,30 @@ def ordered_topological_sort(
 
 
 @dataclass
+class NodeInfo:
+    """What the analysis knows of one node."""
+
+    kind: NodeKind
+    #: The op's name (``aten::mm``, ``_c10d_functional::all_to_all_single``, ``placeholder``...).
+    op: str
+    #: The phase of a call_function node (None for placeholders and the output).
+    phase: Phase | None = None
+    #: Estimated seconds (compute nodes and collective issues; 0 for everything else).
+    cost: float = 0.0
+    #: A weight-gradient node: the output position of the one parameter gradient it feeds.
+    grad_target: int | None = None
+
+
+#: The DAG node attribute that holds a node's NodeInfo.
+_INFO = "info"
+
+
+def node_info(dag: nx.DiGraph, name: str) -> NodeInfo:
+    """The record of node ``name`` of an analysis DAG."""
+    return dag.nodes[name][_INFO]
+
+
+@dataclass
 class CollectiveInfo:
     """One collective: where it is issued and waited for, and what could overlap it."""
 
@@ -89,22 +114,18 @@ class GraphAnalysis:
     collectives: list[CollectiveInfo]
     graph_hash: str
 
-    def nodes_of_kind(self, kind: NodeKind) -> list[str]:
-        return [n for n in self.order if self.dag.nodes[n]["kind"] == kind]
-
-    def nodes_of_phase(self, phase: Phase) -> list[str]:
-        return [n for n in self.order if self.dag.nodes[n].get("phase") == phase]
+    def node(self, name: str) -> NodeInfo:
+        """The record of node ``name`` (kind, phase, op, cost, gradient target)."""
+        return node_info(self.dag, name)
 
     def node_costs(self) -> dict[str, float]:
         """Estimated seconds of every compute node and collective issue (what plans record)."""
-        return {
-            n: float(self.dag.nodes[n]["cost"])
-            for n in self.order
-            if self.dag.nodes[n]["kind"] in (NodeKind.COMPUTE, NodeKind.COLLECTIVE_ISSUE)
-        }
-
-    def total_cost(self, kind: NodeKind = NodeKind.COMPUTE) -> float:
-        return sum(self.dag.nodes[n]["cost"] for n in self.order if self.dag.nodes[n]["kind"] == kind)
+        costs: dict[str, float] = {}
+        for n in self.order:
+            info = self.node(n)
+            if info.kind in (NodeKind.COMPUTE, NodeKind.COLLECTIVE_ISSUE):
+                costs[n] = float(info.cost)
+        return costs
 
 
 def _meta_signature(node: fx.Node) -> str:
@@ -206,14 +227,14 @@ def _check_waited(graph: fx.Graph, dag: nx.DiGraph) -> None:
     and no order can make them right (tuple results reach their waits through ``getitem``).
     """
     def waited(user: fx.Node) -> bool:
-        kind = dag.nodes[user.name]["kind"]
+        kind = node_info(dag, user.name).kind
         if kind == NodeKind.COLLECTIVE_WAIT:
             return True
         # Views and tuple indexing read no data: what matters is that their readers wait.
         return kind == NodeKind.VIEW and bool(user.users) and all(waited(u) for u in user.users)
 
     for n in graph.nodes:
-        if dag.nodes[n.name]["kind"] == NodeKind.COLLECTIVE_ISSUE:
+        if node_info(dag, n.name).kind == NodeKind.COLLECTIVE_ISSUE:
             early = [u.name for u in n.users if not waited(u)]
             if early:
                 raise UnwaitedCollectiveError(
@@ -233,41 +254,48 @@ def analyse_graph(
 ) -> GraphAnalysis:
     graph = gm.graph
     dag = build_dag(graph)
-    phases = label_phases(graph, graph_kind, param_grad_positions)
-    reach = gradient_reach(graph, param_grad_positions) if graph_kind == GraphKind.BACKWARD else {}
+    # One pass over the backward graph says which gradient each node reaches: the phases and the
+    # weight-gradient targets are both read from it.
+    reach = gradient_reach(graph, param_grad_positions) if graph_kind == GraphKind.BACKWARD else None
+    phases = label_phases(graph, graph_kind, param_grad_positions, reach=reach)
     by_name = {n.name: n for n in graph.nodes}
+    info: dict[str, NodeInfo] = {}
     for n in graph.nodes:
         kind = node_kind(n)
-        attrs = dag.nodes[n.name]
-        attrs["kind"] = kind
-        attrs["op"] = op_name(n)
-        attrs["phase"] = phases.get(n.name)
-        # Which parameter's gradient a weight-gradient node feeds (per-parameter dW chains are
-        # independent of each other, so the scheduler may move each on its own).
-        attrs["grad_target"] = weight_grad_target(reach.get(n.name)) if attrs["phase"] == Phase.WEIGHT_GRAD else None
-        attrs["cost"] = float(cost_fn(n)) if kind in (NodeKind.COMPUTE, NodeKind.COLLECTIVE_ISSUE) else 0.0
+        phase = phases.get(n.name)
+        info[n.name] = dag.nodes[n.name][_INFO] = NodeInfo(
+            kind=kind,
+            op=op_name(n),
+            phase=phase,
+            cost=float(cost_fn(n)) if kind in (NodeKind.COMPUTE, NodeKind.COLLECTIVE_ISSUE) else 0.0,
+            # Which parameter's gradient a weight-gradient node feeds (per-parameter dW chains are
+            # independent of each other, so the scheduler may move each on its own).
+            grad_target=(
+                weight_grad_target(reach.get(n.name)) if reach is not None and phase == Phase.WEIGHT_GRAD else None
+            ),
+        )
 
     _check_waited(graph, dag)
     collectives: list[CollectiveInfo] = []
-    compute_nodes = [n.name for n in graph.nodes if dag.nodes[n.name]["kind"] == NodeKind.COMPUTE]
+    compute_nodes = [n.name for n in graph.nodes if info[n.name].kind == NodeKind.COMPUTE]
     for n in graph.nodes:
-        if dag.nodes[n.name]["kind"] != NodeKind.COLLECTIVE_ISSUE:
+        if info[n.name].kind != NodeKind.COLLECTIVE_ISSUE:
             continue
-        waits = [u.name for u in n.users if node_kind(u) == NodeKind.COLLECTIVE_WAIT]
+        waits = [u.name for u in n.users if info[u.name].kind == NodeKind.COLLECTIVE_WAIT]
         related = nx.ancestors(dag, n.name) | nx.descendants(dag, n.name)
         independent = [c for c in compute_nodes if c not in related]
         collectives.append(
             CollectiveInfo(
                 issue=n.name,
                 wait=waits[0] if waits else None,
-                op=op_name(n),
+                op=info[n.name].op,
                 nbytes=collective_nbytes(by_name[n.name]),
                 independent=independent,
-                independent_cost=sum(dag.nodes[c]["cost"] for c in independent),
+                independent_cost=sum(info[c].cost for c in independent),
                 independent_weight_grad_cost=sum(
-                    dag.nodes[c]["cost"] for c in independent if dag.nodes[c]["phase"] == Phase.WEIGHT_GRAD
+                    info[c].cost for c in independent if info[c].phase == Phase.WEIGHT_GRAD
                 ),
-                cost=dag.nodes[n.name]["cost"],
+                cost=info[n.name].cost,
             )
         )
     return GraphAnalysis(

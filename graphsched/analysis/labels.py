@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from graphsched.analysis.costmodel import is_collective_node, is_view_node, is_wait_node
+from graphsched.plan import Phase  # one Phase for graph nodes and plan tasks
 
 
 class NodeKind(str, Enum):
@@ -30,12 +31,6 @@ class NodeKind(str, Enum):
     COLLECTIVE_WAIT = "collective_wait"
     PLACEHOLDER = "placeholder"
     OUTPUT = "output"
-
-
-class Phase(str, Enum):
-    FORWARD = "forward"
-    INPUT_GRAD = "input_grad"
-    WEIGHT_GRAD = "weight_grad"
 
 
 class GraphKind(str, Enum):
@@ -130,16 +125,19 @@ def label_phases(
     graph: fx.Graph,
     graph_kind: GraphKind,
     param_grad_positions: Sequence[int] | None,
+    reach: dict[str, object] | None = None,
 ) -> dict[str, Phase]:
     """Phase of every call_function node of ``graph``.
 
     ``param_grad_positions`` lists the positions of the backward graph's outputs that are parameter
     gradients (the backward outputs line up one to one with the forward's primal inputs). With
-    ``None`` nothing is labelled weight-gradient (conservative: nothing is deferred).
+    ``None`` nothing is labelled weight-gradient (conservative: nothing is deferred). ``reach``:
+    ``gradient_reach(graph, param_grad_positions)`` when the caller has it already.
     """
     if graph_kind != GraphKind.BACKWARD:
         return {n.name: Phase.FORWARD for n in graph.nodes if n.op == "call_function"}
-    reach = gradient_reach(graph, param_grad_positions)
+    if reach is None:
+        reach = gradient_reach(graph, param_grad_positions)
     phases: dict[str, Phase] = {}
     for node in graph.nodes:
         if node.op != "call_function":

@@ -22,7 +22,7 @@ def _bytes(n: float) -> str:
 
 
 def graph_summary(a: GraphAnalysis, max_collectives: int = 12) -> list[str]:
-    kinds = Counter(a.dag.nodes[n]["kind"] for n in a.order)
+    kinds = Counter(a.node(n).kind for n in a.order)
     lines = [
         f"{a.name} [{a.graph_kind.value}] {len(a.order)} nodes: "
         + ", ".join(f"{k.value} {kinds.get(k, 0)}" for k in NodeKind if k not in (NodeKind.PLACEHOLDER, NodeKind.OUTPUT)),
@@ -30,10 +30,10 @@ def graph_summary(a: GraphAnalysis, max_collectives: int = 12) -> list[str]:
     phase_cost: dict[Phase, float] = {}
     phase_count: Counter[Phase] = Counter()
     for n in a.order:
-        attrs = a.dag.nodes[n]
-        if attrs["kind"] == NodeKind.COMPUTE and attrs["phase"] is not None:
-            phase_cost[attrs["phase"]] = phase_cost.get(attrs["phase"], 0.0) + attrs["cost"]
-            phase_count[attrs["phase"]] += 1
+        info = a.node(n)
+        if info.kind == NodeKind.COMPUTE and info.phase is not None:
+            phase_cost[info.phase] = phase_cost.get(info.phase, 0.0) + info.cost
+            phase_count[info.phase] += 1
     lines.append(
         "  compute by phase: "
         + ", ".join(f"{p.value} {phase_count[p]} nodes ({_ms(phase_cost[p])})" for p in Phase if phase_count[p])

@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from graphsched.analysis.graph import GraphAnalysis
-from graphsched.analysis.labels import NodeKind, Phase
+from graphsched.analysis.labels import NodeKind
+from graphsched.plan import Phase, TaskKind
 from graphsched.schedule.problem import COLLECTIVE, COMM, COMPUTE, WEIGHT_GRAD, SchedTask, ScheduleProblem
 
 
@@ -28,7 +29,16 @@ class CoarseGraph:
     #: task id -> its nodes, in captured (topological) order.
     nodes: dict[str, list[str]]
     #: task id -> (kind, phase) of its nodes.
-    kind: dict[str, tuple[str, str]]
+    kind: dict[str, tuple[TaskKind, Phase]]
+
+
+def task_kind(kind: NodeKind) -> TaskKind:
+    """The kind of the task a node of ``kind`` runs in: views run in compute tasks."""
+    if kind == NodeKind.COLLECTIVE_ISSUE:
+        return TaskKind.COLLECTIVE_ISSUE
+    if kind == NodeKind.COLLECTIVE_WAIT:
+        return TaskKind.COLLECTIVE_WAIT
+    return TaskKind.COMPUTE
 
 
 def _collective_bits(analysis: GraphAnalysis) -> tuple[dict[str, int], dict[str, int]]:
@@ -39,7 +49,7 @@ def _collective_bits(analysis: GraphAnalysis) -> tuple[dict[str, int], dict[str,
     points = [
         n
         for n in analysis.order
-        if dag.nodes[n]["kind"] in (NodeKind.COLLECTIVE_ISSUE, NodeKind.COLLECTIVE_WAIT)
+        if analysis.node(n).kind in (NodeKind.COLLECTIVE_ISSUE, NodeKind.COLLECTIVE_WAIT)
     ]
     bit = {n: 1 << i for i, n in enumerate(points)}
     anc: dict[str, int] = {}
@@ -62,24 +72,24 @@ def coarsen(analysis: GraphAnalysis) -> CoarseGraph:
     anc, desc = _collective_bits(analysis)
     task_of: dict[str, str] = {}
     members: dict[str, list[str]] = {}
-    kinds: dict[str, tuple[str, str]] = {}
+    kinds: dict[str, tuple[TaskKind, Phase]] = {}
     group_ids: dict[tuple, str] = {}
     for n in analysis.order:
-        attrs = dag.nodes[n]
-        kind = attrs["kind"]
+        info = analysis.node(n)
+        kind = info.kind
         if kind in (NodeKind.PLACEHOLDER, NodeKind.OUTPUT):
             continue
-        phase = attrs["phase"] or Phase.FORWARD
+        phase = info.phase or Phase.FORWARD
         if kind in (NodeKind.COLLECTIVE_ISSUE, NodeKind.COLLECTIVE_WAIT):
             tid = f"{'c' if kind == NodeKind.COLLECTIVE_ISSUE else 'w'}:{n}"
         else:
-            key = (phase, anc[n], desc[n], attrs.get("grad_target"))
+            key = (phase, anc[n], desc[n], info.grad_target)
             if key not in group_ids:
                 group_ids[key] = f"t{len(group_ids)}:{phase.value}"
             tid = group_ids[key]
         task_of[n] = tid
         members.setdefault(tid, []).append(n)
-        kinds.setdefault(tid, (kind.value if kind != NodeKind.VIEW else NodeKind.COMPUTE.value, phase.value))
+        kinds.setdefault(tid, (task_kind(kind), phase))
 
     deps: dict[str, set[str]] = {tid: set() for tid in members}
     for n, tid in task_of.items():
@@ -91,11 +101,11 @@ def coarsen(analysis: GraphAnalysis) -> CoarseGraph:
     tasks = []
     for tid, nodes in members.items():
         kind, phase = kinds[tid]
-        if kind == NodeKind.COLLECTIVE_ISSUE.value:
+        if kind == TaskKind.COLLECTIVE_ISSUE:
             resource, tags = COMM, frozenset({COLLECTIVE})
         else:
             resource = COMPUTE
-            tags = frozenset({WEIGHT_GRAD}) if phase == Phase.WEIGHT_GRAD.value else frozenset()
-        duration = sum(float(dag.nodes[m]["cost"]) for m in nodes)
+            tags = frozenset({WEIGHT_GRAD}) if phase == Phase.WEIGHT_GRAD else frozenset()
+        duration = sum(float(analysis.node(m).cost) for m in nodes)
         tasks.append(SchedTask(tid, resource, duration, tuple(sorted(deps[tid])), tags))
     return CoarseGraph(ScheduleProblem(tasks), members, kinds)

@@ -21,21 +21,17 @@ import torch.fx as fx
 from graphsched.agreement import agree_on_costs as agree_costs_across_ranks
 from graphsched.agreement import broadcast_plan, world_is_distributed
 from graphsched.analysis.graph import GraphAnalysis
-from graphsched.analysis.labels import NodeKind
 from graphsched.config import GraphschedConfig, default_cache_dir
 from graphsched.errors import ConfigError
-from graphsched.plan import COMM_STREAM, COMPUTE_STREAM, ModelPlan, Plan, Task
+from graphsched.plan import PLAN_FORMAT_VERSION, ModelPlan, Phase, Plan, Task
 from graphsched.schedule.cbc import solver_name
 from graphsched.schedule.coarsen import CoarseGraph, coarsen
 from graphsched.schedule.ilp import solve
-from graphsched.schedule.plans import module_path
+from graphsched.schedule.plans import finish_tasks, stream_of, task_label
 from graphsched.schedule.problem import COMM, Schedule
 from graphsched.schedule.simulate import lower_bound, simulate
 
 log = logging.getLogger("graphsched.partition")
-
-_ROLE = {"forward": "fwd", "input_grad": "dX", "weight_grad": "dW"}
-
 
 def agree_on_costs(analysis: GraphAnalysis) -> None:
     """Replace each node's cost by the maximum over ranks, so every rank plans from equal numbers."""
@@ -43,15 +39,15 @@ def agree_on_costs(analysis: GraphAnalysis) -> None:
         return
     agreed = agree_costs_across_ranks(analysis.node_costs())
     for name, cost in agreed.items():
-        analysis.dag.nodes[name]["cost"] = cost
+        analysis.node(name).cost = cost
 
 
 def plan_key(analysis: GraphAnalysis, world_size: int) -> str:
     """Cache key: the graph, its dependencies as analysed (order-only edges included: a change to
     the analysis must not reuse a plan made under other constraints), the cost numbers and the
-    world it was planned for."""
+    world it was planned for, and the plan format (a cached plan of another format is not reused)."""
     blob = json.dumps(
-        {"graph": analysis.graph_hash, "edges": sorted(analysis.dag.edges()),
+        {"format": PLAN_FORMAT_VERSION, "graph": analysis.graph_hash, "edges": sorted(analysis.dag.edges()),
          "costs": sorted(analysis.node_costs().items()), "world": world_size},
         separators=(",", ":"),
     ).encode()
@@ -63,31 +59,21 @@ def plan_from_schedule(
 ) -> Plan:
     by_name = {n.name: n for n in gm.graph.nodes}
     tasks: list[Task] = []
-    names: dict[str, int] = {}
     for tid in schedule.order:
         nodes = coarse.nodes[tid]
         kind, phase = coarse.kind[tid]
-        path = module_path(by_name[nodes[0]]) or "graph"
-        if kind == NodeKind.COLLECTIVE_ISSUE.value:
-            label = f"{path}.{analysis.dag.nodes[nodes[0]]['op'].split('::')[-1]}"
-            stream = COMM_STREAM
-        elif kind == NodeKind.COLLECTIVE_WAIT.value:
-            label, stream = f"{path}.wait", COMPUTE_STREAM
-        else:
-            label, stream = f"{path}.{_ROLE.get(phase, phase)}", COMPUTE_STREAM
-        count = names.get(label, 0)
-        names[label] = count + 1
         tasks.append(
             Task(
-                name=label if count == 0 else f"{label}[{count}]",
+                name=task_label(analysis, by_name[nodes[0]], kind, phase),
                 nodes=list(nodes),
-                stream=stream,
+                stream=stream_of(kind),
                 kind=kind,
                 phase=phase,
                 start=schedule.start[tid],
                 end=schedule.end[tid],
             )
         )
+    finish_tasks(tasks, analysis)
     return Plan(
         graph_name=analysis.name,
         graph_hash=analysis.graph_hash,
@@ -139,7 +125,7 @@ class IlpPlanner:
         captured = simulate(problem, problem.topological_order(), method="as_captured")
         schedule = solve(problem, time_limit_s=self.config.solver_time_limit_s)
         plan = plan_from_schedule(analysis, gm, coarse, schedule)
-        moved = sum(1 for t in tasks_inside_windows(plan, analysis) if t.phase == "weight_grad")
+        moved = sum(1 for t in tasks_inside_windows(plan) if t.phase == Phase.WEIGHT_GRAD)
         plan.options = {
             "schedule": "ilp",
             "method": schedule.method,
@@ -187,17 +173,13 @@ class IlpPlanner:
         return Plan.from_json(text)
 
 
-def collective_windows(plan: Plan, analysis: GraphAnalysis) -> list[tuple[int, int]]:
-    """(issue task position, wait task position) of every collective in ``plan``."""
-    position = {n: i for i, t in enumerate(plan.tasks) for n in t.nodes}
-    return [
-        (position[c.issue], position[c.wait])
-        for c in analysis.collectives
-        if c.wait is not None and c.issue in position and c.wait in position
-    ]
+def collective_windows(plan: Plan) -> list[tuple[int, int]]:
+    """(issue task position, wait task position) of every waited collective in ``plan``, in issue
+    order (the plan's own pairs)."""
+    return sorted((issue, wait) for wait, issue in plan.collective_pairs().items())
 
 
-def tasks_inside_windows(plan: Plan, analysis: GraphAnalysis) -> list[Task]:
+def tasks_inside_windows(plan: Plan) -> list[Task]:
     """The tasks issued after some collective's issue and before its wait."""
-    windows = collective_windows(plan, analysis)
+    windows = collective_windows(plan)
     return [t for i, t in enumerate(plan.tasks) if any(a < i < b for a, b in windows)]

@@ -12,8 +12,8 @@ from typing import Sequence
 import torch.fx as fx
 
 from graphsched.analysis.graph import GraphAnalysis, ordered_topological_sort, random_order_edges
-from graphsched.analysis.labels import NodeKind, Phase
-from graphsched.plan import COMM_STREAM, COMPUTE_STREAM, Plan, Task
+from graphsched.plan import COMM_STREAM, COMPUTE_STREAM, Phase, Plan, Task, TaskKind
+from graphsched.schedule.coarsen import task_kind
 
 
 def module_path(node: fx.Node) -> str:
@@ -34,7 +34,40 @@ def _clean_path(path: str) -> str:
     return path.replace("[", ".").replace("]", "").replace("'", "")
 
 
+#: The role of a compute task in its name, by phase.
 _ROLE = {Phase.FORWARD: "fwd", Phase.INPUT_GRAD: "dX", Phase.WEIGHT_GRAD: "dW"}
+
+
+def task_label(analysis: GraphAnalysis, node: fx.Node, kind: TaskKind, phase: Phase) -> str:
+    """The name of a task whose first node is ``node``, before duplicates are numbered:
+    ``<module>.<collective op>`` for a collective, ``<module>.wait`` for a wait and
+    ``<module>.fwd|dX|dW`` for compute (``graph`` when the node has no module)."""
+    path = module_path(node) or "graph"
+    if kind == TaskKind.COLLECTIVE_ISSUE:
+        return f"{path}.{analysis.node(node.name).op.split('::')[-1]}"
+    if kind == TaskKind.COLLECTIVE_WAIT:
+        return f"{path}.wait"
+    return f"{path}.{_ROLE[phase]}"
+
+
+def stream_of(kind: TaskKind) -> str:
+    """Collectives run on the communication stream, everything else (waits too) on compute."""
+    return COMM_STREAM if kind == TaskKind.COLLECTIVE_ISSUE else COMPUTE_STREAM
+
+
+def finish_tasks(tasks: Sequence[Task], analysis: GraphAnalysis) -> None:
+    """Give tasks named by :func:`task_label` their final names and pair waits with collectives.
+
+    Of the tasks that share a label the first keeps it and the later ones get ``[1]``, ``[2]``, ...
+    in plan order. Every way of making a plan ends here, so names and pairs are made one way.
+    """
+    seen: dict[str, int] = {}
+    for t in tasks:
+        count = seen.get(t.name, 0)
+        seen[t.name] = count + 1
+        if count:
+            t.name = f"{t.name}[{count}]"
+    pair_collectives(tasks, analysis)
 
 
 def tasks_from_order(
@@ -48,35 +81,33 @@ def tasks_from_order(
     by_name = {n.name: n for n in gm.graph.nodes}
     tasks: list[Task] = []
     for name in order:
-        attrs = analysis.dag.nodes[name]
-        kind: NodeKind = attrs["kind"]
-        phase: Phase = attrs["phase"] or Phase.FORWARD
-        path = module_path(by_name[name]) or "graph"
-        if kind == NodeKind.COLLECTIVE_ISSUE:
-            op = attrs["op"].split("::")[-1]
-            tasks.append(Task(f"{path}.{op}", [name], COMM_STREAM, kind.value, phase.value))
-        elif kind == NodeKind.COLLECTIVE_WAIT:
-            tasks.append(Task(f"{path}.wait", [name], COMPUTE_STREAM, kind.value, phase.value))
-        else:
-            last = tasks[-1] if tasks else None
-            if last is not None and last.kind == "compute" and last.phase == phase.value:
-                last.nodes.append(name)
-            else:
-                tasks.append(Task(f"{path}.{_ROLE[phase]}", [name], COMPUTE_STREAM, "compute", phase.value))
-    _number_duplicate_names(tasks)
+        info = analysis.node(name)
+        kind = task_kind(info.kind)
+        phase: Phase = info.phase or Phase.FORWARD
+        last = tasks[-1] if tasks else None
+        if kind == TaskKind.COMPUTE and last is not None and last.kind == TaskKind.COMPUTE and last.phase == phase:
+            last.nodes.append(name)
+            continue
+        label = task_label(analysis, by_name[name], kind, phase)
+        tasks.append(Task(label, [name], stream_of(kind), kind, phase))
+    finish_tasks(tasks, analysis)
     return tasks
 
 
-def _number_duplicate_names(tasks: list[Task]) -> None:
-    counts: dict[str, int] = {}
-    for t in tasks:
-        counts[t.name] = counts.get(t.name, 0) + 1
-    seen: dict[str, int] = {}
-    for t in tasks:
-        if counts[t.name] > 1:
-            i = seen.get(t.name, 0)
-            seen[t.name] = i + 1
-            t.name = f"{t.name}[{i}]"
+def pair_collectives(tasks: Sequence[Task], analysis: GraphAnalysis) -> None:
+    """Name in every wait task the collective task it completes (``Task.collective``).
+
+    The one place where a plan's collective/wait pairs are made, from the analysis' pairs of issue
+    and wait nodes; run it once the tasks have their final names.
+    """
+    task_of = {n: t for t in tasks for n in t.nodes}
+    for c in analysis.collectives:
+        issue = task_of.get(c.issue)
+        wait = task_of.get(c.wait) if c.wait is not None else None
+        if issue is None or wait is None:
+            continue
+        if issue.kind == TaskKind.COLLECTIVE_ISSUE and wait.kind == TaskKind.COLLECTIVE_WAIT:
+            wait.collective = issue.name
 
 
 def captured_order(gm: fx.GraphModule) -> list[str]:

@@ -34,15 +34,15 @@ def phase_label_violations(
     outs = output_positions(gm)
     problems: list[str] = []
     collective_nodes = {
-        n for n in analysis.order if dag.nodes[n]["kind"] in (NodeKind.COLLECTIVE_ISSUE, NodeKind.COLLECTIVE_WAIT)
+        n for n in analysis.order if analysis.node(n).kind in (NodeKind.COLLECTIVE_ISSUE, NodeKind.COLLECTIVE_WAIT)
     }
     for name, positions in outs.items():
-        if name not in dag or dag.nodes[name]["kind"] in (NodeKind.PLACEHOLDER,):
+        if name not in dag or analysis.node(name).kind in (NodeKind.PLACEHOLDER,):
             continue
-        if any(p in param_positions for p in positions) and dag.nodes[name]["phase"] != Phase.WEIGHT_GRAD:
-            problems.append(f"{name} returns a parameter gradient but is labelled {dag.nodes[name]['phase']}")
+        if any(p in param_positions for p in positions) and analysis.node(name).phase != Phase.WEIGHT_GRAD:
+            problems.append(f"{name} returns a parameter gradient but is labelled {analysis.node(name).phase}")
     for name in analysis.order:
-        phase = dag.nodes[name]["phase"]
+        phase = analysis.node(name).phase
         desc = nx.descendants(dag, name) | {name}
         reached_outputs = {p for d in desc for p in outs.get(d, [])}
         if phase == Phase.WEIGHT_GRAD:
@@ -50,7 +50,7 @@ def phase_label_violations(
                 problems.append(f"weight-gradient node {name} feeds a collective")
             if len(reached_outputs) != 1 or not reached_outputs <= param_positions:
                 problems.append(f"weight-gradient node {name} reaches outputs {sorted(reached_outputs)}")
-        elif phase == Phase.INPUT_GRAD and dag.nodes[name]["kind"] == NodeKind.COMPUTE:
+        elif phase == Phase.INPUT_GRAD and analysis.node(name).kind == NodeKind.COMPUTE:
             feeds_collective = bool(desc & collective_nodes)
             feeds_input_grad = bool(reached_outputs - param_positions)
             several = len(reached_outputs) > 1

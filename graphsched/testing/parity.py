@@ -177,8 +177,8 @@ def run_parity(
     for g in graphsched.api.state_of(wrapped).capture.graphs:
         if g.analysis is None:
             continue
-        kinds = [g.analysis.dag.nodes[n]["kind"] for n in g.analysis.order]
-        phases = [g.analysis.dag.nodes[n]["phase"] for n in g.analysis.order]
+        kinds = [g.analysis.node(n).kind for n in g.analysis.order]
+        phases = [g.analysis.node(n).phase for n in g.analysis.order]
         result.graph_stats[g.name] = {
             "collective_issue": kinds.count(NodeKind.COLLECTIVE_ISSUE),
             "collective_wait": kinds.count(NodeKind.COLLECTIVE_WAIT),

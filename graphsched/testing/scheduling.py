@@ -47,7 +47,9 @@ def window_report(model: torch.nn.Module) -> dict[str, Any]:
         a, plan = g.analysis, g.plan
         position = {n: i for i, t in enumerate(plan.tasks) for n in t.nodes}
         dag = a.dag
-        for c, (lo, hi) in zip([c for c in a.collectives if c.wait], collective_windows(plan, a)):
+        by_issue = {c.issue: c for c in a.collectives}
+        for lo, hi in collective_windows(plan):
+            c = by_issue[plan.tasks[lo].nodes[0]]
             out["windows"] += 1
             inside = [t for t in plan.tasks[lo + 1 : hi] if t.phase == Phase.WEIGHT_GRAD.value]
             out["dw_in_windows"] += len(inside)
@@ -62,10 +64,10 @@ def window_report(model: torch.nn.Module) -> dict[str, Any]:
                     for p in dag.predecessors(n)
                     if p in position and p not in t.nodes
                 )
-                if deps_ready and dag.nodes[t.nodes[0]]["kind"] == NodeKind.COMPUTE:
+                if deps_ready and a.node(t.nodes[0]).kind == NodeKind.COMPUTE:
                     candidates.append(t.name)
             other_compute = sum(
-                dag.nodes[n]["cost"] for t in plan.tasks[lo + 1 : hi] for n in t.nodes
+                a.node(n).cost for t in plan.tasks[lo + 1 : hi] for n in t.nodes
             )
             if candidates and not inside and other_compute < c.cost:
                 out["unfilled_with_candidates"].append((c.issue, candidates[:3]))

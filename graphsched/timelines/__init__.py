@@ -66,15 +66,14 @@ def timeline(model: nn.Module, step_fn: Callable[[], Any] | None = None, rank: i
         )
     analyses = {a.name: a for a in api.captured_analyses(model)}
     costs = {
-        name: {n: float(a.dag.nodes[n].get("cost", 0.0)) for n in a.order} for name, a in analyses.items()
+        name: {n: float(a.node(n).cost) for n in a.order} for name, a in analyses.items()
     }
-    pairs = {name: {c.wait: c.issue for c in a.collectives if c.wait is not None} for name, a in analyses.items()}
     graphs = step_graph_order(plans)
     if measured is not None:
         # Predict the graphs the step ran (e.g. no inference graph for a training step).
         ran = [g for g in graphs if g in measured.ranks.get(rank, {})]
         graphs = ran or graphs
-    predicted = Timeline.from_plans(plans, rank, costs=costs, pairs=pairs, graphs=graphs)
+    predicted = Timeline.from_plans(plans, rank, costs=costs, graphs=graphs)
     return Timelines(predicted=predicted, measured=measured)
 
 

@@ -14,15 +14,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from graphsched.plan import COMM_STREAM
+from graphsched.plan import COMM_STREAM, Phase
 from graphsched.timelines.model import WAIT, Timelines, TimelinesLike
 from graphsched.timelines.stats import timeline_stats
 
-PHASE_COLOURS = {"forward": "#4c72b0", "input_grad": "#dd8452", "weight_grad": "#55a868"}
+PHASE_COLOURS = {Phase.FORWARD: "#4c72b0", Phase.INPUT_GRAD: "#dd8452", Phase.WEIGHT_GRAD: "#55a868"}
 WAIT_COLOUR = "#b0b0b0"
 COMM_COLOUR = "#8172b3"
 EXPOSED_COLOUR = "#d62728"
-_LABELS = {"forward": "forward", "input_grad": "dX (input grad)", "weight_grad": "dW (weight grad)"}
+_LABELS = {Phase.FORWARD: "forward", Phase.INPUT_GRAD: "dX (input grad)", Phase.WEIGHT_GRAD: "dW (weight grad)"}
 
 
 def _colour(stream: str, kind: str, phase: str) -> str:

@@ -23,14 +23,16 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from graphsched.errors import ConfigError, GraphschedError
-from graphsched.plan import COMM_STREAM, COMPUTE_STREAM, Plan
+from graphsched.plan import COMM_STREAM, COMPUTE_STREAM, Plan, TaskKind
+from graphsched.schedule.problem import COMM, COMPUTE, SchedTask, ScheduleProblem
+from graphsched.schedule.simulate import simulate
 
 PREDICTED = "predicted"
 MEASURED = "measured"
 SOURCES = (PREDICTED, MEASURED)
 
-ISSUE = "collective_issue"
-WAIT = "collective_wait"
+ISSUE = TaskKind.COLLECTIVE_ISSUE
+WAIT = TaskKind.COLLECTIVE_WAIT
 
 #: The ``format`` field of a timeline JSON file.
 TIMELINE_FORMAT = "graphsched-timeline"
@@ -95,16 +97,14 @@ class Timeline:
         rank: int = 0,
         *,
         costs: Mapping[str, Mapping[str, float]] | None = None,
-        pairs: Mapping[str, Mapping[str, str]] | None = None,
         graphs: Sequence[str] | None = None,
     ) -> "Timeline":
         """The predicted timeline of one step: each plan's graph after the previous one.
 
         A plan's own ``start``/``end`` times are used when every task has them; otherwise its
         order is simulated (:func:`simulate_plan`) from ``plan.costs`` or, when the plan carries no
-        cost numbers, ``costs[graph]`` (node name -> seconds). ``pairs[graph]`` maps each wait
-        node to its collective's issue node (exact matching; without it the rule of
-        :func:`match_collectives` is used). ``graphs`` picks and orders the graphs; by default a
+        cost numbers, ``costs[graph]`` (node name -> seconds). Each collective is paired with the
+        wait its plan names (``Task.collective``). ``graphs`` picks and orders the graphs; by default a
         training step's graphs (forwards, then backwards in reverse), or the inference graphs when
         there is nothing else.
         """
@@ -116,11 +116,7 @@ class Timeline:
         offset = 0.0
         for g in order:
             plan = plans[g]
-            ivs = plan_intervals(
-                plan,
-                costs=(costs or {}).get(g),
-                pairs=(pairs or {}).get(g),
-            )
+            ivs = plan_intervals(plan, costs=(costs or {}).get(g))
             for iv in ivs:
                 iv.start += offset
                 iv.end += offset
@@ -295,43 +291,10 @@ def step_graph_order(graphs: Iterable[str]) -> list[str]:
     return training if training else inf
 
 
-def _module_of(task_name: str) -> str:
-    """``blocks.1.ffn.all_to_all_single[1]`` -> ``blocks.1.ffn``."""
-    return re.sub(r"\[\d+\]$", "", task_name).rsplit(".", 1)[0]
-
-
-def match_collectives(plan: Plan, node_pairs: Mapping[str, str] | None = None) -> dict[int, int]:
-    """wait task index -> issue task index, for every wait of ``plan``.
-
-    With ``node_pairs`` (wait node -> issue node, from the graph analysis) the match is exact.
-    Without it, a wait takes the earliest still unmatched issue before it from the same module
-    (task names ``<module>.<op>`` and ``<module>.wait``), else the earliest unmatched issue before
-    it. That is right for the plans graphsched makes: a module's collectives complete in the order
-    they were issued.
-    """
-    tasks = plan.tasks
-    matched: dict[int, int] = {}
-    if node_pairs:
-        task_of = {n: i for i, t in enumerate(tasks) for n in t.nodes}
-        for i, t in enumerate(tasks):
-            if t.kind != WAIT:
-                continue
-            for n in t.nodes:
-                src = task_of.get(node_pairs.get(n, ""))
-                if src is not None:
-                    matched[i] = src
-                    break
-        return matched
-    open_issues: list[int] = []
-    for i, t in enumerate(tasks):
-        if t.kind == ISSUE:
-            open_issues.append(i)
-        elif t.kind == WAIT and open_issues:
-            same = [j for j in open_issues if _module_of(tasks[j].name) == _module_of(t.name)]
-            j = same[0] if same else open_issues[0]
-            open_issues.remove(j)
-            matched[i] = j
-    return matched
+def match_collectives(plan: Plan) -> dict[int, int]:
+    """wait task index -> issue task index, for every wait of ``plan`` (the plan's own pairs,
+    ``Task.collective``)."""
+    return plan.collective_pairs()
 
 
 def simulate_plan(
@@ -339,27 +302,36 @@ def simulate_plan(
 ) -> list[tuple[float, float]]:
     """Predicted (start, end) of every task of ``plan``, from node costs in seconds.
 
-    Two in-order streams, as the runtime runs them. A compute-stream task starts when the previous
-    one ends. A wait ends when its collective (``waits``: wait index -> issue index) has ended; it
-    is where the compute stream stalls. A collective starts when the comm stream is free and every
-    compute-stream task listed before it has ended (its input comes from one of them: a
-    conservative stand-in for the exact dependency, which the plan file does not carry).
+    The plan's order on the scheduler's two in-order resources (``graphsched.schedule.simulate``),
+    as the runtime runs them. A compute-stream task starts when the previous one ends. A wait ends
+    when its collective (``waits``: wait index -> issue index) has ended; it is shown from the end
+    of the compute before it, where the compute stream stalls. A collective starts when the comm
+    stream is free and every compute-stream task listed before it has ended (its input comes from
+    one of them: a conservative stand-in for the exact dependency, which the plan file does not
+    carry).
     """
-    times: list[tuple[float, float]] = []
-    compute_free = comm_free = 0.0
+    tasks: list[SchedTask] = []
+    before: list[str | None] = []  # the compute-stream task listed last before each task
+    last_compute: str | None = None
     for i, t in enumerate(plan.tasks):
+        tid = str(i)
         duration = sum(float(costs.get(n, 0.0)) for n in t.nodes)
+        before.append(last_compute)
         if t.kind == ISSUE or t.stream == COMM_STREAM:
-            start = max(comm_free, compute_free)
-            end = comm_free = start + duration
-        elif t.kind == WAIT:
-            start = compute_free
-            src = waits.get(i)
-            ready = times[src][1] if src is not None and src < len(times) else start
-            end = compute_free = max(start, ready) + duration
-        else:
-            start = compute_free
-            end = compute_free = start + duration
+            deps = () if last_compute is None else (last_compute,)
+            tasks.append(SchedTask(tid, COMM, duration, deps))
+            continue
+        src = waits.get(i) if t.kind == WAIT else None
+        deps = (str(src),) if src is not None and src < i else ()
+        tasks.append(SchedTask(tid, COMPUTE, duration, deps))
+        last_compute = tid
+    schedule = simulate(ScheduleProblem(tasks), [t.id for t in tasks], method="as_planned")
+    times: list[tuple[float, float]] = []
+    for i, t in enumerate(plan.tasks):
+        start, end = schedule.start[str(i)], schedule.end[str(i)]
+        if t.kind == WAIT and t.stream != COMM_STREAM:
+            prev = before[i]
+            start = schedule.end[prev] if prev is not None else 0.0
         times.append((start, end))
     return times
 
@@ -368,10 +340,9 @@ def plan_intervals(
     plan: Plan,
     *,
     costs: Mapping[str, float] | None = None,
-    pairs: Mapping[str, str] | None = None,
 ) -> list[Interval]:
     """The intervals of one plan's graph, from time 0 (see ``Timeline.from_plans``)."""
-    waits = match_collectives(plan, pairs)
+    waits = match_collectives(plan)
     if plan.tasks and all(t.start is not None and t.end is not None for t in plan.tasks):
         times = [(float(t.start), float(t.end)) for t in plan.tasks]  # type: ignore[arg-type]
     else:

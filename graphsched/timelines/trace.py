@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from graphsched.errors import ConfigError
 from graphsched.plan import COMM_STREAM, COMPUTE_STREAM
-from graphsched.timelines.model import ISSUE, SOURCES, Interval, Timeline, Timelines, TimelinesLike
+from graphsched.timelines.model import ISSUE, SOURCES, WAIT, Interval, Timeline, Timelines, TimelinesLike
 
 #: Thread id of each lane inside a process.
 TIDS = {COMPUTE_STREAM: 1, COMM_STREAM: 2}
@@ -54,7 +54,7 @@ def to_chrome_trace(timelines: TimelinesLike) -> dict[str, Any]:
             pid = pid_of(rank, tl.source)
             events += _metadata(pid, rank, tl.source)
             for graph, ivs in tl.ranks[rank].items():
-                waits = {iv.name: iv for iv in ivs if iv.kind == "collective_wait"}
+                waits = {iv.name: iv for iv in ivs if iv.kind == WAIT}
                 for iv in ivs:
                     tid = TIDS.get(iv.stream, TIDS[COMPUTE_STREAM])
                     args = {
