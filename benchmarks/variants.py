@@ -466,7 +466,7 @@ def graphsched_costs(ctx: BenchContext, options: dict[str, Any]) -> Callable[[An
     if ctx.graphsched_costs != "emulated" or ctx.link_comm is None:
         return None
     from benchmarks.costs import graphsched_cost_fn
-    from graphsched.codegen.inductor import resolve_codegen
+    from graphsched.codegen.settings import resolve_codegen
 
     device = ctx.batch[0].device
     fused = resolve_codegen(options.get("codegen", "auto"), device) == "inductor"
