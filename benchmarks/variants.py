@@ -48,7 +48,8 @@ import torch.nn as nn
 from benchmarks.presets import BenchPreset
 from benchmarks.timing import Timing, synchronize, time_steps
 from graphsched.models import MoEGPT
-from graphsched.testing.emulated import CollectiveCall, EmulatedProcessGroup
+from graphsched.testing.emulated.group import EmulatedProcessGroup
+from graphsched.testing.emulated.link import CollectiveCall
 
 @dataclass
 class BenchContext:
