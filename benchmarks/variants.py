@@ -628,8 +628,8 @@ def run_rewrite_on_inductor_classic(ctx: BenchContext, result: VariantResult) ->
     assert transform is not None
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
-        gm = transform(gm, example_inputs)
-        decided = {rid: d.get("k") for rid, d in (gm.meta.get("graphsched_chunks") or {}).items()}
+        gm, decisions = transform.rewrite(gm, example_inputs)
+        decided = {rid: d.get("k") for rid, d in decisions.items()}
         result.notes.append(f"chunks per region: {decided}")
         with torch._inductor.config.patch(patches):
             return compile_fx(gm, example_inputs)
