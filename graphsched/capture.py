@@ -39,7 +39,7 @@ from graphsched.plan import Plan
 from graphsched.fingerprint import check_same_graph
 from graphsched.runtime.executor import GraphExecutor
 
-log = logging.getLogger("graphsched.capture")
+log = logging.getLogger(__name__)
 
 #: Chooses the plan of one analysed graph: (analysis, graph module) -> Plan.
 Planner = Callable[[GraphAnalysis, fx.GraphModule], Plan]

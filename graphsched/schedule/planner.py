@@ -32,7 +32,7 @@ from graphsched.schedule.plans import module_path
 from graphsched.schedule.problem import COMM, Schedule
 from graphsched.schedule.simulate import lower_bound, simulate
 
-log = logging.getLogger("graphsched.partition")
+log = logging.getLogger(__name__)
 
 _ROLE = {"forward": "fwd", "input_grad": "dX", "weight_grad": "dW"}
 
