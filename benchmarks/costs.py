@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from graphsched.analysis.commmodel import COLLECTIVE_KINDS, AlphaBeta, CommModel, fit_alpha_beta
-from graphsched.testing.emulated import EmulatedProcessGroup, wire_bytes
+from graphsched.testing.emulated.group import EmulatedProcessGroup
+from graphsched.testing.emulated.link import wire_bytes
 
 #: Doubling all-to-all sizes timed for the fit: 1 MiB .. 64 MiB per rank.
 FIT_SIZES = tuple(2**k for k in range(20, 27))

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from graphsched.analysis.device_timer import time_once
-from graphsched.testing.emulated import EmulatedProcessGroup
+from graphsched.testing.emulated.group import EmulatedProcessGroup
 
 
 def _time(fn: Callable[[], None], repeats: int = 3) -> float:

@@ -283,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from benchmarks.report import write_record
     from benchmarks.run import RESULTS_DIR, _device_tag, environment
     from graphsched.models import make_batch
-    from graphsched.testing.emulated import init_emulated_process_group
+    from graphsched.testing.emulated.backend import init_emulated_process_group
 
     preset = _preset(args.preset)
     # Few steps: compilation dominates the run, and compute alone varies little between steps.

@@ -39,7 +39,7 @@ from benchmarks.report import build_record, check_losses, derived, format_table,
 from benchmarks.variants import BenchContext, VariantResult, run_variant
 from graphsched.errors import ConfigError
 from graphsched.models import make_batch
-from graphsched.testing.emulated import init_emulated_process_group, new_emulated_group
+from graphsched.testing.emulated.backend import init_emulated_process_group, new_emulated_group
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # GPU records kept: --out
 #: Default home of the JSON records: outside the source tree.

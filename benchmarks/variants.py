@@ -48,7 +48,8 @@ import torch.nn as nn
 from benchmarks.presets import BenchPreset
 from benchmarks.timing import Timing, synchronize, time_steps
 from graphsched.models import MoEGPT
-from graphsched.testing.emulated import CollectiveCall, EmulatedProcessGroup
+from graphsched.testing.emulated.group import EmulatedProcessGroup
+from graphsched.testing.emulated.link import CollectiveCall
 
 @dataclass
 class BenchContext:
@@ -466,7 +467,7 @@ def graphsched_costs(ctx: BenchContext, options: dict[str, Any]) -> Callable[[An
     if ctx.graphsched_costs != "emulated" or ctx.link_comm is None:
         return None
     from benchmarks.costs import graphsched_cost_fn
-    from graphsched.codegen.inductor import resolve_codegen
+    from graphsched.codegen.settings import resolve_codegen
 
     device = ctx.batch[0].device
     fused = resolve_codegen(options.get("codegen", "auto"), device) == "inductor"
@@ -627,8 +628,8 @@ def run_rewrite_on_inductor_classic(ctx: BenchContext, result: VariantResult) ->
     assert transform is not None
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
-        gm = transform(gm, example_inputs)
-        decided = {rid: d.get("k") for rid, d in (gm.meta.get("graphsched_chunks") or {}).items()}
+        gm, decisions = transform.rewrite(gm, example_inputs)
+        decided = {rid: d.get("k") for rid, d in decisions.items()}
         result.notes.append(f"chunks per region: {decided}")
         with torch._inductor.config.patch(patches):
             return compile_fx(gm, example_inputs)

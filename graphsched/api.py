@@ -20,7 +20,7 @@ import torch.nn as nn
 from graphsched.analysis.graph import CostFn, GraphAnalysis
 from graphsched.analysis.report import render_report
 from graphsched.capture import CaptureLog, GraphschedBackend, Planner
-from graphsched.codegen.inductor import describe_codegen
+from graphsched.codegen.compiler import describe_codegen
 from graphsched.config import GraphschedConfig
 from graphsched.errors import ConfigError, GraphschedError, GraphschedFallbackWarning, graphsched_cause
 from graphsched.microbatch import AUTO_CANDIDATES, MicroBatchChoice, micro_batched
@@ -131,7 +131,7 @@ def wrap(
     # Random gating is accepted only where nothing is reordered.
     prepare_for_capture(model, allow_random_gating=config.schedule == "identity")
     from graphsched.analysis.cost_source import make_cost_fn, measure_comm_model
-    from graphsched.codegen.inductor import resolve_codegen
+    from graphsched.codegen.settings import resolve_codegen
     from graphsched.partition.chunking import make_graph_transform
 
     device = _model_device(model)

@@ -7,7 +7,7 @@ analyses, plans and returns a :class:`GraphExecutor` that runs the graph in the 
 
 For the aten executor the default partitioner is used (every intermediate the backward needs is
 saved, nothing is recomputed), so the backward runs exactly the ops eager autograd would; graphs
-for inductor are partitioned as torch.compile does (``codegen.inductor.partition_fn_for``).
+for inductor are partitioned as torch.compile does (``codegen.settings.partition_fn_for``).
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ from graphsched.agreement import keeps_alive, verify_same_plan
 from graphsched.analysis.costmodel import device_of
 from graphsched.analysis.graph import CostFn, GraphAnalysis, analyse_graph
 from graphsched.analysis.labels import GraphKind
-from graphsched.codegen.inductor import (
-    compile_graph,
-    compile_plan,
+from graphsched.codegen.compiler import compile_graph, compile_plan
+from graphsched.codegen.settings import (
     inductor_aot_options,
     inductor_deterministic,
     partition_fn_for,
@@ -40,7 +39,7 @@ from graphsched.plan import Plan
 from graphsched.fingerprint import check_same_graph
 from graphsched.runtime.executor import GraphExecutor
 
-log = logging.getLogger("graphsched.capture")
+log = logging.getLogger(__name__)
 
 #: Chooses the plan of one analysed graph: (analysis, graph module) -> Plan.
 Planner = Callable[[GraphAnalysis, fx.GraphModule], Plan]

@@ -24,14 +24,9 @@ from benchmarks.timing import Timing
 from benchmarks.variants import VariantResult, replay_ops
 from graphsched.errors import ConfigError, GraphschedError
 from graphsched.models import MoEGPT, get_preset, make_batch
-from graphsched.testing.emulated import (
-    BACKEND_NAME,
-    EmulatedProcessGroup,
-    EmulationOptions,
-    init_emulated_process_group,
-    new_emulated_group,
-    wire_bytes,
-)
+from graphsched.testing.emulated.backend import init_emulated_process_group, new_emulated_group
+from graphsched.testing.emulated.group import BACKEND_NAME, EmulatedProcessGroup
+from graphsched.testing.emulated.link import EmulationOptions, wire_bytes
 
 N = 4
 BANDWIDTH = 25.0

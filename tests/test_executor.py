@@ -98,7 +98,7 @@ def test_boxed_inputs_are_released_on_entry(captured):
 def test_every_intermediate_is_freed_at_its_last_use(captured):
     gm = captured[2]["fw"]
     ex = GraphExecutor(gm, _plan(gm, captured_order(gm)))
-    released = [slot for ins in ex._instrs for slot in ins.release]
+    released = [slot for ins in ex.instructions.instrs for slot in ins.release]
     assert len(released) == len(set(released)), "a slot is released twice"
     outputs = {n for n in next(n for n in gm.graph.nodes if n.op == "output").all_input_nodes}
     n_placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder")

@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from graphsched.codegen.inductor import InductorPlanOrder, order_by_wanted_position, resolve_codegen
+from graphsched.codegen.order import InductorPlanOrder, order_by_wanted_position
+from graphsched.codegen.settings import resolve_codegen
 from graphsched.config import GraphschedConfig
 from graphsched.errors import ConfigError
 from graphsched.plan import COMM_STREAM, Plan, Task

@@ -8,9 +8,9 @@ are not edges.
   ``if``/``try`` included, ``if TYPE_CHECKING:`` blocks excluded) must not form a cycle between units.
 * Function-level imports may close a cycle (that is how a lazy import breaks one); they are listed
   in ``FUNCTION_LEVEL_CYCLE_BREAKERS`` below so a new one is noticed.
-* ``graphsched.testing.emulated`` (the emulated process group) is test machinery: inside the
-  package only ``graphsched.testing`` may import it (benchmarks/ and tests/, outside the package,
-  use it too).
+* ``graphsched.testing.emulated`` (the emulated process group, a package) is test machinery:
+  inside the package only ``graphsched.testing`` may import it or its modules (benchmarks/ and
+  tests/, outside the package, use it too).
 * Compile-time code (``COMPILE_TIME``: capture's planning and rewriting steps, the fingerprints and
   the rank agreement they use) imports nothing from ``graphsched.runtime``.
 """

@@ -313,7 +313,7 @@ def test_synthetic_24_layer_backward_solves_within_its_limit(caplog):
     assert len(problem) == 24 * 18
     assert count_disjunctive_pairs(problem) > 1500  # too big for the exact model
     listed = list_schedule(problem)
-    with caplog.at_level(logging.INFO, logger="graphsched.partition"):
+    with caplog.at_level(logging.INFO, logger="graphsched.schedule"):
         result = solve(problem, time_limit_s=10.0)
     assert result.method.startswith("window_")
     assert result.status in ("feasible", "optimal")

@@ -1,21 +1,6 @@
-"""Code generation: graphsched's plans compiled to fused kernels (inductor), emitted in plan order."""
+"""Code generation: graphsched's plans compiled to fused kernels (inductor), emitted in plan order.
 
-from graphsched.codegen.inductor import (
-    CODEGENS,
-    InductorPlanOrder,
-    compile_graph,
-    inductor_available,
-    inductor_oracle_backend,
-    inductor_settings,
-    resolve_codegen,
-)
-
-__all__ = [
-    "CODEGENS",
-    "InductorPlanOrder",
-    "compile_graph",
-    "inductor_available",
-    "inductor_oracle_backend",
-    "inductor_settings",
-    "resolve_codegen",
-]
+``settings.py`` picks the code and holds the compile settings, ``compiler.py`` compiles (as
+planned, or the oracle), ``order.py`` is the order pass, ``fusion.py`` the fusion guard and
+``snodes.py`` what graphsched reads of inductor's scheduler nodes.
+"""

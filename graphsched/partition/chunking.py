@@ -59,12 +59,8 @@ from graphsched.partition.rewrite import CHUNK_TAG, chunk_sizes, rewrite_region
 from graphsched.partition.split_rules import SplitRules, default_rules
 from graphsched.partition.waits import inline_wait_functions, unwaited_collectives
 
-log = logging.getLogger("graphsched.partition")
+log = logging.getLogger(__name__)
 
-GraphTransform = Callable[[fx.GraphModule, Sequence[Any]], fx.GraphModule]
-#: Where ``ChunkingTransform.__call__`` leaves the decisions for callers that use it as a plain
-#: graph transform in a torch.compile backend of their own (``wrap`` uses ``rewrite`` instead).
-META_KEY = "graphsched_chunks"
 #: Region id -> what was decided for it: k, sizes, predicted seconds per k, rejected k's, errors.
 Decisions = dict[str, dict[str, Any]]
 
@@ -147,12 +143,6 @@ class ChunkingTransform:
         )
         return record
 
-    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
-        """The plain ``GraphTransform``: the rewritten graph, its decisions in ``gm.meta[META_KEY]``."""
-        gm, decisions = self.rewrite(gm, example_inputs)
-        gm.meta[META_KEY] = decisions
-        return gm
-
     def rewrite(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Chunked:
         """Cut the regions of ``gm`` (in place) and say what was decided for each.
 
@@ -230,9 +220,10 @@ class ChunkingTransform:
             )
 
 
-def make_graph_transform(config: GraphschedConfig, comm: Any = None) -> GraphTransform | None:
-    """The chunking transform (``wrap`` hands its ``rewrite`` to ``GraphschedBackend``); None when
-    ``config.chunks == 1`` (nothing to do). ``comm``: the measured CommModel, if any."""
+def make_graph_transform(config: GraphschedConfig, comm: Any = None) -> ChunkingTransform | None:
+    """The chunking transform; None when ``config.chunks == 1`` (nothing to do). Callers run its
+    ``rewrite``, which returns the rewritten graph with the decisions (``wrap`` hands it to
+    ``GraphschedBackend``). ``comm``: the measured CommModel, if any."""
     if config.chunks == 1:
         return None
     return ChunkingTransform(config, comm=comm)

@@ -17,8 +17,7 @@ import pulp
 from graphsched.schedule.problem import Schedule, ScheduleProblem
 from graphsched.schedule.simulate import lower_bound, simulate
 
-# The logger keeps its name from before the solver moved to graphsched.schedule: users filter on it.
-log = logging.getLogger("graphsched.partition")
+log = logging.getLogger(__name__)
 
 #: Solver models are scaled so the incumbent's makespan is this many units: CBC's absolute
 #: tolerances (about 1e-6) would otherwise swamp durations measured in seconds.

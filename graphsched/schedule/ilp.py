@@ -8,17 +8,20 @@ incumbent; no function here returns a schedule worse than the incumbent it start
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
 import pulp
 
-from graphsched.schedule.cbc import HORIZON, add_var, finish, log, resimulated, run_cbc, tolerance
+from graphsched.schedule.cbc import HORIZON, add_var, finish, resimulated, run_cbc, tolerance
 from graphsched.schedule.list_schedule import list_schedule
 from graphsched.schedule.problem import COMM, COMPUTE, RESOURCES, Schedule, ScheduleProblem
 from graphsched.schedule.simulate import lower_bound, simulate
 from graphsched.schedule.windows import DEFAULT_WINDOW_TIME_LIMIT_S, solve_windows
+
+log = logging.getLogger(__name__)
 
 #: Above this many ordering binaries the exact model rarely closes its gap within seconds.
 DEFAULT_MAX_EXACT_PAIRS = 1500

@@ -31,7 +31,7 @@ from graphsched.schedule.plans import finish_tasks, stream_of, task_label
 from graphsched.schedule.problem import COMM, Schedule
 from graphsched.schedule.simulate import lower_bound, simulate
 
-log = logging.getLogger("graphsched.partition")
+log = logging.getLogger(__name__)
 
 def agree_on_costs(analysis: GraphAnalysis) -> None:
     """Replace each node's cost by the maximum over ranks, so every rank plans from equal numbers."""

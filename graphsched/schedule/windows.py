@@ -8,6 +8,7 @@ greedy closest fit, to the windows where a collective is in flight. ``solve`` in
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,10 +16,12 @@ from dataclasses import dataclass
 import pulp
 
 from graphsched.analysis.graph import ordered_topological_sort
-from graphsched.schedule.cbc import HORIZON, add_var, finish, log, run_cbc, tolerance
+from graphsched.schedule.cbc import HORIZON, add_var, finish, run_cbc, tolerance
 from graphsched.schedule.list_schedule import list_schedule
 from graphsched.schedule.problem import COMM, COMPUTE, WEIGHT_GRAD, Schedule, ScheduleProblem
 from graphsched.schedule.simulate import simulate
+
+log = logging.getLogger(__name__)
 
 #: Time limit of the window assignment ILP. After the local search the assignment is typically
 #: within 0.5% of the LP bound; CBC rarely closes that quickly and gains little by trying.

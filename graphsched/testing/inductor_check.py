@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 import graphsched
 from graphsched.analysis.labels import GraphKind
-from graphsched.codegen.inductor import inductor_oracle_backend
+from graphsched.codegen.compiler import inductor_oracle_backend
 from graphsched.compat import dynamo_reset
 from graphsched.models import MoEGPT, get_preset, make_batch
 from graphsched.testing.inductor_checks import dw_kernels_in_code_windows

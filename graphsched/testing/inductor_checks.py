@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 import graphsched
 from graphsched.analysis.labels import GraphKind
-from graphsched.codegen.inductor import inductor_oracle_backend
+from graphsched.codegen.compiler import inductor_oracle_backend
 
 
 def _generated_code(fn: Any) -> tuple[Any, list[str]]:

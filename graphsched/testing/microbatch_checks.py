@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 import graphsched
 from graphsched.analysis.labels import GraphKind
-from graphsched.codegen.inductor import inductor_oracle_backend
+from graphsched.codegen.compiler import inductor_oracle_backend
 from graphsched.compat import dynamo_reset
 from graphsched.microbatch import micro_batched
 

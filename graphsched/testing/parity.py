@@ -110,7 +110,8 @@ def run_parity(
     """Per-rank body (for graphsched.testing.run_distributed)."""
     import graphsched
     from graphsched.analysis.labels import GraphKind, NodeKind, Phase
-    from graphsched.codegen.inductor import inductor_oracle_backend, resolve_codegen
+    from graphsched.codegen.compiler import inductor_oracle_backend
+    from graphsched.codegen.settings import resolve_codegen
     from graphsched.microbatch import micro_batched
     from graphsched.testing.checks import phase_label_violations
     from graphsched.models import get_preset, make_batch
