@@ -207,7 +207,10 @@ def _dropped_choices(model: MoEGPT) -> list[int]:
         k = layer.gate.top_k
 
         def hook(_mod, _inp, out, k=k):
-            drops.append(k * out.dispatch_mask.shape[0] - int(out.dispatch_mask.sum()))
+            if hasattr(out, "kept"):  # the index dispatch's sparse routing: [tokens, k] kept
+                drops.append(out.kept.numel() - int(out.kept.sum()))
+            else:
+                drops.append(k * out.dispatch_mask.shape[0] - int(out.dispatch_mask.sum()))
 
         layer.gate.register_forward_hook(hook)
     return drops

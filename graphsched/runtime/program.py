@@ -133,25 +133,15 @@ def lower(
             if n not in last_use and n not in keep:
                 releases.setdefault(position[n], []).append(index[n])
 
-    # Task boundaries (instruction ranges) and, for each wait, the task that issued its
-    # collective: read only when recording.
+    # Task boundaries (instruction ranges); the plan names, for each wait, the task that issued
+    # its collective (read only when recording).
     tasks: list[TaskSpan] = []
     first = 0
-    task_of_node: dict[str, int] = {}
     for t in plan.tasks:
-        for name in t.nodes:
-            task_of_node[name] = len(tasks)
         stream = stream_of[t.nodes[0]] if t.nodes else COMPUTE_STREAM
         tasks.append(TaskSpan(first, first + len(t.nodes), t.name, stream, t.kind, t.phase))
         first += len(t.nodes)
-    by_name = {n.name: n for n in ordered}
-    issue_task_of_wait: dict[int, int] = {}
-    for i, t in enumerate(plan.tasks):
-        if t.kind == "collective_wait":
-            for name in t.nodes:
-                for inp in by_name[name].all_input_nodes:
-                    if inp.name in task_of_node:
-                        issue_task_of_wait[i] = task_of_node[inp.name]
+    issue_task_of_wait = plan.collective_pairs()
 
     produced_on = {n: stream_of[n.name] for n in ordered}
     instrs: list[Instr] = []
