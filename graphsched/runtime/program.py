@@ -225,6 +225,21 @@ def _timing_event(stream: "torch.cuda.Stream") -> "torch.cuda.Event":
     return ev
 
 
+def _recorded(code: Instructions, issued: set[int], i: int, add: Callable[[int], str]) -> list[str]:
+    """The statements that record task ``i`` once it has ended: ``add(t)`` records task ``t`` up to
+    now. A collective's issue records nothing yet; its wait records itself and then the
+    collective, from the issue's start to the wait's end (the plan names the pair)."""
+    if code.tasks[i].kind == "collective_issue":
+        issued.add(i)
+        return []
+    lines = [add(i)]
+    src = code.issue_task_of_wait.get(i)
+    if src is not None and src in issued:
+        issued.discard(src)
+        lines.append(add(src))
+    return lines
+
+
 class _HostClockRecording:
     """Statements that time every task with the recorder's host clock (no streams)."""
 
@@ -236,18 +251,12 @@ class _HostClockRecording:
         return ["    _t0 = R.now()"]
 
     def after_task(self, i: int) -> list[str]:
-        task = self.code.tasks[i]
         lines = ["    _t1 = R.now()"]
-        if task.kind == "collective_issue":
-            self.issued.add(i)
+        if self.code.tasks[i].kind == "collective_issue":
             lines.append(f"    _i{i} = _t0")
-            return lines
-        lines.append(f"    R.add(G, *TK[{i}], _t0, _t1)")
-        src = self.code.issue_task_of_wait.get(i)
-        if src is not None and src in self.issued:
-            self.issued.discard(src)
-            lines.append(f"    R.add(G, *TK[{src}], _i{src}, _t1)")
-        return lines
+        return lines + _recorded(
+            self.code, self.issued, i, lambda t: f"    R.add(G, *TK[{t}], {'_t0' if t == i else f'_i{t}'}, _t1)"
+        )
 
 
 class _EventRecording:
@@ -268,16 +277,9 @@ class _EventRecording:
         i = self.ends_at.get(pos)
         if i is None:
             return []
-        lines = [f"    _e{i} = TEV(S[{stream!r}])"]
-        if self.code.tasks[i].kind == "collective_issue":
-            self.issued.add(i)
-            return lines
-        lines.append(f"    R.add_events(G, *TK[{i}], _s{i}, _e{i})")
-        src = self.code.issue_task_of_wait.get(i)
-        if src is not None and src in self.issued:
-            self.issued.discard(src)
-            lines.append(f"    R.add_events(G, *TK[{src}], _s{src}, _e{i})")
-        return lines
+        return [f"    _e{i} = TEV(S[{stream!r}])"] + _recorded(
+            self.code, self.issued, i, lambda t: f"    R.add_events(G, *TK[{t}], _s{t}, _e{i})"
+        )
 
 
 def build_program(code: Instructions, with_streams: bool, record: bool = False) -> Callable[..., Any]:
