@@ -50,6 +50,11 @@ ALL_VARIANTS = (
     "graphsched-inductor-chunks2-mb2",
     "graphsched-inductor-chunks4-mb2",
     "graphsched-inductor-mbauto",
+    # Four micro-batches: finer interleaving, twice -mb2's collective calls.
+    "eager-mb4",
+    "compute-only-inductor-mb4",
+    "inductor-classic-mb4",
+    "graphsched-inductor-mb4",
 )
 
 #: ``--quick``: the peers that matter and the limit's parts, in about 5 minutes of H200 time per

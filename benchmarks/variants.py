@@ -135,19 +135,21 @@ def compute_only_of(name: str) -> str:
     if model_of(name) == "deepspeed":
         return "compute-only-deepspeed"
     if "inductor" in name:
-        return "compute-only-inductor-mb2" if micro_batches_of(name) == 2 else "compute-only-inductor"
+        k = micro_batches_of(name)
+        return f"compute-only-inductor-mb{k}" if k > 1 else "compute-only-inductor"
     return "compute-only"
 
 
 def loss_reference_of(name: str) -> str | None:
     """The variant whose losses ``name``'s must match: eager for the reference model, plain
     DeepSpeed for DeepSpeed's model (other weights); None for the oracles themselves."""
-    if name in ("eager", "deepspeed", "comm-only", "eager-mb2"):
+    if name in ("eager", "deepspeed", "comm-only") or name.startswith("eager-mb"):
         return None
     if model_of(name) == "deepspeed":
         return "deepspeed"
     # Micro-batches route per micro-batch (gradient accumulation's semantics): eager run alike.
-    return "eager-mb2" if micro_batches_of(name) == 2 else "eager"
+    k = micro_batches_of(name)
+    return f"eager-mb{k}" if k > 1 else "eager"
 
 
 def micro_batches_of(name: str) -> int:
@@ -745,6 +747,11 @@ RUNNERS: dict[str, Callable[[BenchContext, VariantResult], None]] = {
     "graphsched-inductor-chunks2-mb2": lambda c, r: run_graphsched(c, r, "inductor-chunks2-mb2"),
     "graphsched-inductor-chunks4-mb2": lambda c, r: run_graphsched(c, r, "inductor-chunks4-mb2"),
     "graphsched-inductor-mbauto": lambda c, r: run_graphsched(c, r, "inductor-mbauto"),
+    # Four micro-batches: finer interleaving against twice the collective calls of -mb2.
+    "eager-mb4": lambda c, r: run_eager(c, r, micro_batches=4),
+    "compute-only-inductor-mb4": lambda c, r: run_inductor(c, r, "plain", compute_only=True, micro_batches=4),
+    "inductor-classic-mb4": lambda c, r: run_inductor(c, r, "classic", micro_batches=4),
+    "graphsched-inductor-mb4": lambda c, r: run_graphsched(c, r, "inductor-mb4"),
 }
 
 
