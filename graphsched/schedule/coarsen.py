@@ -67,7 +67,9 @@ def _collective_bits(analysis: GraphAnalysis) -> tuple[dict[str, int], dict[str,
     return anc, desc
 
 
-def coarsen(analysis: GraphAnalysis) -> CoarseGraph:
+def coarsen(analysis: GraphAnalysis, issues_follow_compute: bool = False) -> CoarseGraph:
+    """The tasks of ``analysis``; ``issues_follow_compute``: the graph runs as inductor's code,
+    where a collective starts behind the compute listed before it (``ScheduleProblem``)."""
     dag = analysis.dag
     anc, desc = _collective_bits(analysis)
     task_of: dict[str, str] = {}
@@ -108,4 +110,4 @@ def coarsen(analysis: GraphAnalysis) -> CoarseGraph:
             tags = frozenset({WEIGHT_GRAD}) if phase == Phase.WEIGHT_GRAD else frozenset()
         duration = sum(float(analysis.node(m).cost) for m in nodes)
         tasks.append(SchedTask(tid, resource, duration, tuple(sorted(deps[tid])), tags))
-    return CoarseGraph(ScheduleProblem(tasks), members, kinds)
+    return CoarseGraph(ScheduleProblem(tasks, issues_follow_compute=issues_follow_compute), members, kinds)

@@ -36,9 +36,12 @@ def _order_from_starts(
 
     Among tasks starting together, zero-duration ones go first: on one resource a zero-duration
     task and a real task may share a start only if the zero-duration one runs first. Remaining
-    ties follow the captured topological order. Picking only among ready tasks keeps the order
-    topological whatever noise the solver's values carry.
+    ties follow the captured topological order (collectives first under
+    ``problem.issues_follow_compute``: listed after a compute task, a transfer would wait for it).
+    Picking only among ready tasks keeps the order topological whatever noise the solver's values
+    carry.
     """
+    follow = problem.issues_follow_compute
     missing = {t.id: len(t.deps) for t in problem.tasks}
     ready = [t.id for t in problem.tasks if not t.deps]
     order: list[str] = []
@@ -46,7 +49,11 @@ def _order_from_starts(
         earliest = min(starts[t] for t in ready)
         pick = min(
             (t for t in ready if starts[t] <= earliest + tol),
-            key=lambda t: (problem.task(t).duration > 0, problem.topo_position(t)),
+            key=lambda t: (
+                not (follow and problem.task(t).resource == COMM),
+                problem.task(t).duration > 0,
+                problem.topo_position(t),
+            ),
         )
         ready.remove(pick)
         order.append(pick)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from graphsched.schedule.problem import RESOURCES, Schedule, ScheduleProblem
+from graphsched.schedule.problem import COMM, COMPUTE, RESOURCES, Schedule, ScheduleProblem
 from graphsched.schedule.simulate import lower_bound, simulate
 
 
@@ -22,6 +22,10 @@ def critical_path_order(problem: ScheduleProblem, *, non_delay: bool = True) -> 
     ``non_delay``: a resource never idles while a task for it is ready; among the tasks that can
     start earliest, the one with the longest tail goes first. Without it, the ready task with the
     longest tail is always issued next, even when another could start sooner.
+
+    Under ``problem.issues_follow_compute`` a collective cannot start before the compute listed
+    ahead of it, so among tasks that can start together a collective goes first: issuing it
+    costs the compute stream nothing, while a compute task listed first would hold it back.
     """
     tol = _time_tolerance(problem)
     missing = {t.id: len(t.deps) for t in problem.tasks}
@@ -30,18 +34,26 @@ def critical_path_order(problem: ScheduleProblem, *, non_delay: bool = True) -> 
     end: dict[str, float] = {}
     order: list[str] = []
 
-    def priority(tid: str) -> tuple[float, int]:
-        return (problem.tail(tid), -problem.topo_position(tid))
+    follow = problem.issues_follow_compute
+
+    def priority(tid: str) -> tuple[bool, float, int]:
+        comm_first = follow and problem.task(tid).resource == COMM
+        return (comm_first, problem.tail(tid), -problem.topo_position(tid))
+
+    def earliest_start(tid: str, ready: float) -> float:
+        resource = problem.task(tid).resource
+        s = max(free[resource], ready)
+        return max(s, free[COMPUTE]) if follow and resource == COMM else s
 
     while ready_at:
         if non_delay:
-            est = {tid: max(free[problem.task(tid).resource], r) for tid, r in ready_at.items()}
+            est = {tid: earliest_start(tid, r) for tid, r in ready_at.items()}
             earliest = min(est.values())
             pick = max((tid for tid, s in est.items() if s <= earliest + tol), key=priority)
         else:
             pick = max(ready_at, key=priority)
         task = problem.task(pick)
-        start = max(free[task.resource], ready_at.pop(pick))
+        start = earliest_start(pick, ready_at.pop(pick))
         end[pick] = start + task.duration
         free[task.resource] = end[pick]
         order.append(pick)

@@ -20,7 +20,9 @@ import torch.fx as fx
 
 from graphsched.agreement import agree_on_costs as agree_costs_across_ranks
 from graphsched.agreement import broadcast_plan, world_is_distributed
+from graphsched.analysis.costmodel import device_of
 from graphsched.analysis.graph import GraphAnalysis
+from graphsched.codegen.settings import resolve_codegen
 from graphsched.config import GraphschedConfig, default_cache_dir
 from graphsched.errors import ConfigError
 from graphsched.plan import PLAN_FORMAT_VERSION, ModelPlan, Phase, Plan, Task
@@ -42,13 +44,14 @@ def agree_on_costs(analysis: GraphAnalysis) -> None:
         analysis.node(name).cost = cost
 
 
-def plan_key(analysis: GraphAnalysis, world_size: int) -> str:
+def plan_key(analysis: GraphAnalysis, world_size: int, issues_follow_compute: bool = False) -> str:
     """Cache key: the graph, its dependencies as analysed (order-only edges included: a change to
     the analysis must not reuse a plan made under other constraints), the cost numbers and the
     world it was planned for, and the plan format (a cached plan of another format is not reused)."""
     blob = json.dumps(
         {"format": PLAN_FORMAT_VERSION, "graph": analysis.graph_hash, "edges": sorted(analysis.dag.edges()),
-         "costs": sorted(analysis.node_costs().items()), "world": world_size},
+         "costs": sorted(analysis.node_costs().items()), "world": world_size,
+         "issues_follow_compute": issues_follow_compute},
         separators=(",", ":"),
     ).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
@@ -119,8 +122,15 @@ class IlpPlanner:
     def _cache_path(self, key: str) -> str:
         return os.path.join(self.config.cache_dir or default_cache_dir(), "plans", f"{key}.json")
 
+    def _issues_follow_compute(self, gm: fx.GraphModule) -> bool:
+        """Whether the graph will run as inductor's code, whose collectives start behind the
+        compute listed before them (the aten executor's wait only for their inputs)."""
+        values = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+        return resolve_codegen(self.config.codegen, device_of(values)) == "inductor"
+
     def _solve(self, analysis: GraphAnalysis, gm: fx.GraphModule) -> Plan:
-        coarse = coarsen(analysis)
+        follow = self._issues_follow_compute(gm)
+        coarse = coarsen(analysis, issues_follow_compute=follow)
         problem = coarse.problem
         captured = simulate(problem, problem.topological_order(), method="as_captured")
         schedule = solve(problem, time_limit_s=self.config.solver_time_limit_s)
@@ -137,6 +147,7 @@ class IlpPlanner:
             "captured_time": captured.makespan,
             "lower_bound": lower_bound(problem),
             "weight_grad_tasks_in_windows": moved,
+            "issues_follow_compute": follow,
         }
         saving = captured.makespan - schedule.makespan
         log.info(
@@ -153,7 +164,7 @@ class IlpPlanner:
             return self._from_plan_file(analysis)
         agree_on_costs(analysis)
         world = dist.get_world_size() if world_is_distributed() else 1
-        key = plan_key(analysis, world)
+        key = plan_key(analysis, world, self._issues_follow_compute(gm))
         path = self._cache_path(key)
         text: str | None = None
         if not world_is_distributed() or dist.get_rank() == 0:

@@ -5,6 +5,14 @@ on the communication stream). The runtime issues all tasks in one global list or
 resource runs its own tasks in that order, one at a time; a task starts once its resource is free
 and all its dependencies have finished. A schedule is therefore a topological order of the tasks,
 and its times follow from simulating the two resources (see ``simulate.py``).
+
+``issues_follow_compute``: a collective is launched from the compute stream and starts only after
+every compute task listed before it has ended, not only its dependencies. That is how inductor's
+code runs (a functional collective is called on the current stream, and the communication stream
+waits for all of that stream's work up to the call), and NCCL called from the compute stream. The
+aten executor launches each collective on its own stream behind its inputs' events alone, which is
+the default model. Under inductor's model the place of an issue in the order matters: listed after
+an unrelated compute task, the transfer waits for it.
 """
 
 from __future__ import annotations
@@ -76,6 +84,8 @@ class ScheduleProblem:
     (topological order, path lengths) is computed once here."""
 
     tasks: list[SchedTask]
+    #: Collectives start behind every compute task listed before them (see the module doc).
+    issues_follow_compute: bool = False
     _by_id: dict[str, SchedTask] = field(init=False, repr=False, compare=False)
     _children: dict[str, list[str]] = field(init=False, repr=False, compare=False)
     _topo: list[str] = field(init=False, repr=False, compare=False)

@@ -6,7 +6,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
-from graphsched.schedule.problem import RESOURCES, OrderError, Schedule, ScheduleProblem
+from graphsched.schedule.problem import COMM, COMPUTE, RESOURCES, OrderError, Schedule, ScheduleProblem
 
 
 def check_order(problem: ScheduleProblem, order: Sequence[str]) -> None:
@@ -39,7 +39,8 @@ def simulate(
     method: str = "given",
     status: str = "heuristic",
 ) -> Schedule:
-    """Times of ``order``: each task starts when its resource is free and its deps have ended."""
+    """Times of ``order``: each task starts when its resource is free and its deps have ended
+    (a collective, under ``problem.issues_follow_compute``, also when the compute before it has)."""
     t0 = time.perf_counter()
     check_order(problem, order)
     free = {r: 0.0 for r in RESOURCES}
@@ -48,6 +49,8 @@ def simulate(
     for tid in order:
         task = problem.task(tid)
         s = max([free[task.resource]] + [end[d] for d in task.deps])
+        if problem.issues_follow_compute and task.resource == COMM:
+            s = max(s, free[COMPUTE])
         start[tid] = s
         end[tid] = s + task.duration
         free[task.resource] = end[tid]

@@ -333,7 +333,10 @@ def solve_windows(
     deferred = deferrable_tasks(problem)
     if not deferred:
         return None
-    core = ScheduleProblem([t for t in problem.tasks if t.id not in deferred])
+    core = ScheduleProblem(
+        [t for t in problem.tasks if t.id not in deferred],
+        issues_follow_compute=problem.issues_follow_compute,
+    )
     timeline = list_schedule(core)
     tol = tolerance(problem)
     windows = _windows(core, timeline, tol)
