@@ -583,6 +583,9 @@ def _note_plans(result: VariantResult, model: nn.Module) -> None:
             result.notes.append(f"{g.name}: scheduled, {len(g.plan.tasks)} tasks")
             if "chunks" in g.plan.options:
                 result.notes.append(f"{g.name}: chunks {g.plan.options['chunks']}")
+            if "chunk_choice" in g.plan.options:
+                # chunks="auto": which graph the first steps' timing kept, and what it measured.
+                result.notes.append(f"{g.name}: chunk choice {g.plan.options['chunk_choice']}")
 
 
 def run_graphsched(ctx: BenchContext, result: VariantResult, kind: str) -> None:
