@@ -108,4 +108,4 @@ def coarsen(analysis: GraphAnalysis) -> CoarseGraph:
             tags = frozenset({WEIGHT_GRAD}) if phase == Phase.WEIGHT_GRAD else frozenset()
         duration = sum(float(analysis.node(m).cost) for m in nodes)
         tasks.append(SchedTask(tid, resource, duration, tuple(sorted(deps[tid])), tags))
-    return CoarseGraph(ScheduleProblem(tasks), members, kinds)
+    return CoarseGraph(ScheduleProblem(tasks, contention=analysis.contention), members, kinds)

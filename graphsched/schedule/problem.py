@@ -5,6 +5,10 @@ on the communication stream). The runtime issues all tasks in one global list or
 resource runs its own tasks in that order, one at a time; a task starts once its resource is free
 and all its dependencies have finished. A schedule is therefore a topological order of the tasks,
 and its times follow from simulating the two resources (see ``simulate.py``).
+
+The resources are not quite independent: a transfer in flight takes memory bandwidth (and, for
+NCCL, SMs) from the compute beside it. ``ScheduleProblem.contention`` is that slowdown: a compute
+task runs ``contention`` times longer for the part of it that overlaps a comm task.
 """
 
 from __future__ import annotations
@@ -73,9 +77,15 @@ class Schedule:
 @dataclass
 class ScheduleProblem:
     """A validated set of tasks. Do not mutate ``tasks`` after construction: derived data
-    (topological order, path lengths) is computed once here."""
+    (topological order, path lengths) is computed once here.
+
+    ``contention`` (>= 1): compute runs that many times slower while a comm task is in flight
+    (1.0, the default: not at all). Durations, path lengths and the lower bound are those of the
+    tasks alone; only the simulator stretches compute, so every bound here stays a bound.
+    """
 
     tasks: list[SchedTask]
+    contention: float = 1.0
     _by_id: dict[str, SchedTask] = field(init=False, repr=False, compare=False)
     _children: dict[str, list[str]] = field(init=False, repr=False, compare=False)
     _topo: list[str] = field(init=False, repr=False, compare=False)
@@ -85,6 +95,12 @@ class ScheduleProblem:
 
     def __post_init__(self) -> None:
         self.tasks = list(self.tasks)
+        c = self.contention
+        if not isinstance(c, (int, float)) or not (math.isfinite(c) and c >= 1.0):
+            raise ProblemError(
+                f"contention={c!r} must be a finite number >= 1.0 (1.0: a collective in flight "
+                "does not slow compute; 1.1: compute beside one runs 10% slower)."
+            )
         self._by_id = {}
         for t in self.tasks:
             if not isinstance(t, SchedTask):

@@ -333,7 +333,9 @@ def solve_windows(
     deferred = deferrable_tasks(problem)
     if not deferred:
         return None
-    core = ScheduleProblem([t for t in problem.tasks if t.id not in deferred])
+    core = ScheduleProblem(
+        [t for t in problem.tasks if t.id not in deferred], contention=problem.contention
+    )
     timeline = list_schedule(core)
     tol = tolerance(problem)
     windows = _windows(core, timeline, tol)
