@@ -1,5 +1,10 @@
 """Checks that the emulated link behaves like a NIC: it takes the asked time and costs no compute.
 
+``fit_emulated_link`` times the emulated all-to-all on device buffers at doubling sizes and fits
+``alpha + beta * bytes``: ``1 / beta`` must come out near ``bandwidth * N / (N - 1)`` (an
+all-to-all sends (N-1)/N of its input). The harness keeps it in every GPU record as a check of the
+emulation, and ``benchmarks.commcheck`` compares graphsched's own costing of the link with it.
+
 ``overlap_check`` times a bf16 matmul loop alone, a chain of emulated all-to-alls alone, and both
 issued together (the all-to-alls asynchronous, waited for at the end). If the copy engine runs
 beside the SMs, the pair takes ``max(compute, comm)``, not their sum: ``slowdown`` (pair time over
@@ -9,13 +14,56 @@ that max) near 1.0 is what makes the emulated figures meaningful.
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
+from graphsched.analysis.commmodel import AlphaBeta, fit_alpha_beta
 from graphsched.analysis.device_timer import time_once
 from graphsched.testing.emulated.group import EmulatedProcessGroup
+
+#: Doubling all-to-all sizes timed for the fit: 1 MiB .. 64 MiB per rank.
+FIT_SIZES = tuple(2**k for k in range(20, 27))
+
+
+@dataclass
+class LinkFit:
+    """The emulated all-to-all's fit, and the medians it was fitted to."""
+
+    all_to_all: AlphaBeta
+    sizes: list[int]
+    times_s: list[float]
+
+    def to_dict(self) -> dict[str, Any]:
+        ab = self.all_to_all
+        return {
+            "all_to_all_alpha_us": ab.alpha_s * 1e6,
+            "all_to_all_input_gbps": (1.0 / ab.beta_s_per_byte / 1e9) if ab.beta_s_per_byte > 0 else None,
+            "rel_error": ab.rel_error,
+            "sizes_bytes": self.sizes,
+            "times_ms": [t * 1e3 for t in self.times_s],
+        }
+
+
+def fit_emulated_link(
+    group: EmulatedProcessGroup, device: torch.device, repeats: int = 5,
+    sizes: tuple[int, ...] = FIT_SIZES,
+) -> LinkFit:
+    """Time ``dist.all_to_all_single`` on ``group`` with ``device`` buffers; fit alpha-beta."""
+    medians = []
+    for size in sizes:
+        inp = torch.randn(size // 4, device=device)
+        out = torch.empty_like(inp)
+        dist.all_to_all_single(out, inp, group=group)  # warm-up
+        samples = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            samples.append(time_once(lambda: dist.all_to_all_single(out, inp, group=group), device))
+        medians.append(statistics.median(samples))
+    return LinkFit(fit_alpha_beta(list(sizes), medians), list(sizes), medians)
 
 
 def _time(fn: Callable[[], None], repeats: int = 3) -> float:

@@ -179,7 +179,6 @@ def run_benchmark(
     seed: int = 0,
     out: str | None = None,
     command: str | None = None,
-    graphsched_costs: str = "emulated",
     log: Callable[[str], None] = print,
     timeline_dir: str | None = None,
     quick: bool = False,
@@ -208,8 +207,6 @@ def run_benchmark(
         )
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"optimizer={optimizer!r} is not known; use one of {OPTIMIZERS}.")
-    if graphsched_costs not in ("emulated", "default"):
-        raise ConfigError(f"graphsched_costs={graphsched_costs!r}: use 'emulated' or 'default'.")
     if preset.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             f"preset {preset.name!r} needs a CUDA device and none is visible; run it on a GPU "
@@ -237,12 +234,11 @@ def run_benchmark(
         batch = make_batch(preset.model, preset.batch_size, seed, device)
         ctx = BenchContext(
             preset=preset, device=device, world=world, compute_only=compute_only, batch=batch,
-            seed=seed, optimizer=optimizer, graphsched_costs=graphsched_costs,
-            timeline_dir=timeline_dir, profile_dir=profile_dir,
+            seed=seed, optimizer=optimizer, timeline_dir=timeline_dir, profile_dir=profile_dir,
         )
         link: dict[str, Any] = {"bandwidth_gbps": preset.bandwidth_gbps, "latency_us": latency_us}
         if device.type == "cuda":
-            from benchmarks.costs import fit_emulated_link
+            from benchmarks.linkcheck import fit_emulated_link, overlap_check
 
             link["copy_bandwidth_gbps"] = world.link.copy_bandwidth_gbps(device)
             if math.isfinite(preset.bandwidth_gbps):
@@ -252,9 +248,6 @@ def run_benchmark(
                 measured = link["all_to_all_fit"]["all_to_all_input_gbps"]
                 if measured:
                     link["all_to_all_wire_gbps"] = measured * (n - 1) / n
-                ctx.link_comm = fit.comm
-                from benchmarks.linkcheck import overlap_check
-
                 link["overlap_check"] = overlap_check(world, device)
                 _free_cuda()
             world.reset_stats()
@@ -297,7 +290,8 @@ def run_benchmark(
                 "steps": preset.steps,
                 "step": "forward+backward" + ("" if optimizer == "none" else f"+optimizer({optimizer})"),
             },
-            "graphsched_costs": graphsched_costs if device.type == "cuda" else "analytic (CPU)",
+            # graphsched's own (cost_model="auto"): measured on CUDA, analytic on CPU.
+            "graphsched_costs": "measured by graphsched" if device.type == "cuda" else "analytic (CPU)",
             "quick": quick,
             "started_at": started.isoformat(timespec="seconds"),
             "elapsed_s": round(time.perf_counter() - t_start, 1),
@@ -344,9 +338,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optimizer", default="none", choices=OPTIMIZERS,
                    help="add an optimizer step to the timed step (default: none)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--graphsched-costs", default="emulated", choices=("emulated", "default"),
-                   help="emulated: graphsched costs collectives with a fit of the emulated link "
-                   "(default); default: graphsched's own cost model")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change a preset field (batch_size=2, virtual_size=16) or a model field "
                    "(model.n_layers=2); repeatable")
@@ -387,7 +378,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             out=args.out,
             command=command,
-            graphsched_costs=args.graphsched_costs,
             timeline_dir=args.timeline_dir,
             quick=args.quick,
             profile_dir=args.profile_dir,

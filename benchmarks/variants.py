@@ -63,10 +63,6 @@ class BenchContext:
     batch: tuple[torch.Tensor, torch.Tensor]
     seed: int = 0
     optimizer: str = "none"
-    #: "emulated": graphsched costs its collectives with a fit of this group timed on the device
-    graphsched_costs: str = "emulated"
-    #: the emulated link's collective costs, fitted on the device (None: graphsched measures)
-    link_comm: Any = None
     #: the collectives of one eager step (filled by the eager variant, replayed by comm-only)
     step_calls: list[CollectiveCall] | None = None
     #: where graphsched variants write the predicted and measured timeline of one step
@@ -455,25 +451,12 @@ def run_deepspeed(
             + ", ".join(f"{k}={v}" for k, v in options.items())
         )
         make_capturable(model)
-        graphsched.wrap(model, cost_fn=graphsched_costs(ctx, options), **options)
+        graphsched.wrap(model, **options)
     measure_model(ctx, result, model, groups)
     if graphsched_kind is not None:
         _note_plans(result, model)
     if graphsched_kind is not None and ctx.profile_dir is not None:
         _dump_plans(os.path.join(ctx.profile_dir, f"{ctx.preset.name}_{result.name}.plans.json"), model)
-
-
-def graphsched_costs(ctx: BenchContext, options: dict[str, Any]) -> Callable[[Any], float] | None:
-    """The cost function a graphsched variant plans with: graphsched's own measured costs with the
-    emulated link's fitted collectives (None: graphsched measures its group itself)."""
-    if ctx.graphsched_costs != "emulated" or ctx.link_comm is None:
-        return None
-    from benchmarks.costs import graphsched_cost_fn
-    from graphsched.codegen.settings import resolve_codegen
-
-    device = ctx.batch[0].device
-    fused = resolve_codegen(options.get("codegen", "auto"), device) == "inductor"
-    return graphsched_cost_fn(ctx.link_comm, device, fused=fused)
 
 
 def graphsched_options(kind: str) -> dict[str, Any]:
@@ -595,7 +578,8 @@ def run_graphsched(ctx: BenchContext, result: VariantResult, kind: str) -> None:
     options["solver_time_limit_s"] = ctx.preset.solver_time_limit_s
     result.notes.append("graphsched options: " + ", ".join(f"{k}={v}" for k, v in options.items()))
     model = build_reference(ctx, ctx.world)
-    graphsched.wrap(model, cost_fn=graphsched_costs(ctx, options), **options)
+    # graphsched costs the model itself: on CUDA it times the emulated link's collectives.
+    graphsched.wrap(model, **options)
     if options.get("chunks") == "auto" or options.get("micro_batches") == "auto":
         # chunks="auto" (micro_batches="auto") times the chunked and the unchunked graph (k = 1
         # and 2 micro-batches) over the first steps (runtime/measured_choice.py): run them

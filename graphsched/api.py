@@ -135,7 +135,8 @@ def wrap(
     from graphsched.partition.chunking import make_graph_transform
 
     device = _model_device(model)
-    # Measured here, where every rank runs the same code in order; never while compiling.
+    # The collective sweep is measured here, where every rank runs the same code in order (a
+    # graph's own collectives are timed at its analysis, after the ranks agree on them).
     needs_comm = cost_fn is None or config.chunks != 1
     comm = measure_comm_model(config.cost_model, device) if needs_comm else None
     cost = cost_fn or make_cost_fn(config.cost_model, device, comm, config.cache_dir,

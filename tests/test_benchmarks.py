@@ -174,6 +174,120 @@ def test_graphsched_collective_microbenchmark_runs_on_the_emulated_group(world):
     assert all(ab.alpha_s >= 0 and ab.beta_s_per_byte >= 0 for ab in model.per_kind.values())
 
 
+class _TwoSizes(nn.Module):
+    """Two all-to-alls of different sizes in the forward; only the first one's in the backward."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        super().__init__()
+        self.group = group
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = funcol.all_to_all_single_autograd(self.lin(x), None, None, self.group)
+        z = funcol.wait_tensor(funcol.all_to_all_single(x.repeat(1, 4), None, None, self.group))
+        return torch.relu(y).sum() + z.sum()
+
+
+def _aten_graphs(model: nn.Module, x: torch.Tensor) -> list:
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs: list = []
+
+    def keep(gm, _inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    torch.compile(model, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)(x).backward()
+    return graphs
+
+
+def test_measured_costs_on_the_emulated_group_on_cpu_use_the_analytic_model_and_say_so(world, caplog):
+    import logging
+
+    from graphsched.analysis.collective_calls import times_collectives
+    from graphsched.analysis.cost_source import MeasuredCosts, analytic_comm_model, measure_comm_model
+    from graphsched.analysis.costmodel import collective_bytes, is_collective_node
+    from graphsched.analysis.graph_collectives import graph_collectives
+
+    cpu = torch.device("cpu")
+    assert not times_collectives(world, cpu)  # on the host the link spends no time
+    with caplog.at_level(logging.INFO, logger="graphsched.analysis"):
+        comm = measure_comm_model("measured", cpu)
+    assert comm == analytic_comm_model(cpu)
+    assert "takes no link time on cpu" in caplog.text and "analytic model" in caplog.text
+    assert world.stats.calls == {}  # nothing was benchmarked
+
+    caplog.clear()
+    costs = MeasuredCosts(cpu, comm)
+    graphs = _aten_graphs(_TwoSizes(world), torch.randn(8, 4))
+    with caplog.at_level(logging.INFO, logger="graphsched.analysis"):
+        for gm in graphs:
+            costs.prepare(gm)
+    assert costs.timed_collectives == {} and world.stats.calls.get("all_to_all", 0) == 3
+    assert "takes no link time on cpu" in caplog.text
+    found = graph_collectives(graphs[0])
+    assert [(c.kind, c.nbytes, c.group_size, c.timed) for c in found] == [
+        ("all_to_all", 8 * 4 * 4, N, False), ("all_to_all", 8 * 16 * 4, N, False)]
+    for gm in graphs:
+        for n in gm.graph.nodes:
+            if is_collective_node(n):
+                assert costs(n) == comm.time("all_to_all", collective_bytes(n))
+
+
+def test_measured_costs_time_each_collective_of_a_graph_at_its_own_size(world, monkeypatch):
+    from graphsched.analysis import graph_collectives
+    from graphsched.analysis.commmodel import CommModel
+    from graphsched.analysis.cost_source import MeasuredCosts
+    from graphsched.analysis.costmodel import collective_bytes, is_collective_node
+
+    # A group that is timed on the host (as gloo is): the graph's sizes are what gets timed.
+    monkeypatch.setattr(EmulatedProcessGroup, "times_collectives", lambda self, device: True)
+    timed_calls: list[tuple[str, int, torch.dtype]] = []
+    real_call = graph_collectives.collective_call
+
+    def spy(kind, numel, group, device, dtype=torch.float32, async_op=False):
+        assert group is world and device.type == "cpu"
+        timed_calls.append((kind, numel * torch.empty((), dtype=dtype).element_size(), dtype))
+        return real_call(kind, numel, group, device, dtype, async_op)
+
+    monkeypatch.setattr(graph_collectives, "collective_call", spy)
+    comm = CommModel.analytic(1e9, 1e-5, N)
+    costs = MeasuredCosts(torch.device("cpu"), comm)
+    graphs = _aten_graphs(_TwoSizes(world), torch.randn(8, 4))
+    for gm in graphs:
+        costs.prepare(gm)
+    graph_sizes = [collective_bytes(n) for gm in graphs for n in gm.graph.nodes if is_collective_node(n)]
+    assert sorted(graph_sizes) == [128, 128, 512]  # forward: both; backward: the first again
+    # Each distinct size once, in graph order: the backward's 128 bytes were already timed.
+    assert timed_calls == [("all_to_all", 128, torch.float32), ("all_to_all", 512, torch.float32)]
+    timed = costs.timed_collectives
+    assert sorted(k[2] for k in timed) == [128, 512]
+    for gm in graphs:
+        for n in gm.graph.nodes:
+            if is_collective_node(n):
+                assert costs(n) == timed[(world.group_name, "all_to_all", collective_bytes(n), "torch.float32", "cpu")]
+
+
+def test_commcheck_puts_graphsched_costs_beside_the_harness_fit_per_size(tmp_path, capsys):
+    from benchmarks.commcheck import check, main
+
+    record = check(12.5, torch.device("cpu"), get_bench_preset("tiny-cpu"), fit_sizes=(4096, 65536),
+                   cache_dir=str(tmp_path))
+    assert record["virtual_size"] == 4 and record["graphsched_comm_model"]["contention"] == 1.0
+    assert [r["bytes"] for r in record["harness_points"]] == [4096, 65536]
+    assert all(r["ratio"] is not None and r["ratio"] > 0 for r in record["sweep"])
+    rows = record["graph"]["rows"]
+    # Every all-to-all of the step (dispatch and combine per MoE layer, forward and backward).
+    assert len(rows) == 8 and {r["source"].split(":")[0] for r in rows} == {"g0.forward", "g0.backward"}
+    assert not dist.is_initialized()
+    out = tmp_path / "cc.json"
+    assert main(["--device", "cpu", "--no-graph", "--bandwidth", "25", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["bandwidth_gbps"] == 25 and "graph" not in saved and saved["command"].endswith(str(out))
+    assert "graphsched's sweep fit vs the harness fit" in capsys.readouterr().out
+
+
 def test_compute_only_twin_moves_the_same_data_but_no_emulated_bytes(world):
     twin = new_emulated_group(math.inf)
     assert twin.size() == N and twin.options.bandwidth_gbps == math.inf

@@ -284,6 +284,64 @@ def test_analytic_comm_model_scales_by_algorithm():
     assert CommModel.from_dict(json.loads(json.dumps(comm.to_dict()))) == comm
 
 
+def test_comm_model_carries_its_contention_factor_and_refuses_one_below_one():
+    comm = CommModel.analytic(bandwidth_bytes_s=1e9, latency_s=1e-5)
+    assert comm.contention == 1.0
+    slowed = CommModel(comm.per_kind, contention=1.08)
+    again = CommModel.from_dict(json.loads(json.dumps(slowed.to_dict())))
+    assert again == slowed and again.contention == 1.08
+    old_record = {"per_kind": slowed.to_dict()["per_kind"]}  # written before the factor existed
+    assert CommModel.from_dict(old_record).contention == 1.0
+    with pytest.raises(ConfigError, match="contention"):
+        CommModel(comm.per_kind, contention=0.9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a group's collective buffers live
+
+
+@pytest.mark.parametrize("backend, registered, preferred, cuda, expected", [
+    ("gloo", ["cpu", "cuda"], "cuda:1", True, "cpu"),            # gloo runs on the host
+    ("nccl", ["cuda"], "cpu", True, "cuda:0"),                    # NCCL never takes host buffers
+    ("nccl", ["cuda"], "cuda:1", True, "cuda:1"),
+    ("mybackend", ["cuda", "cpu"], "cpu", True, "cpu"),           # a CPU model's group: host buffers
+    ("mybackend", ["cuda", "cpu"], "cuda:1", True, "cuda:1"),     # a GPU model's: its device
+    ("mybackend", ["cuda", "cpu"], None, True, "cuda:0"),
+    ("mybackend", ["cuda", "cpu"], None, False, "cpu"),
+    ("mybackend", ["xpu"], "cpu", True, "cpu"),                   # neither device registered
+    ("unregistered", None, "cpu", True, "cpu"),                   # torch does not say: the model's
+    ("unregistered", None, "cuda:1", True, "cuda:1"),
+    ("unregistered", None, None, True, "cuda:0"),
+])
+def test_a_group_of_any_backend_gets_buffers_on_the_device_its_collectives_use(
+    monkeypatch, backend, registered, preferred, cuda, expected
+):
+    from graphsched.analysis import collective_calls
+
+    capability = dict(getattr(dist.Backend, "backend_capability", {}))
+    capability.pop(backend, None)
+    if registered is not None:
+        capability[backend] = registered
+    monkeypatch.setattr(dist.Backend, "backend_capability", capability, raising=False)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    found = collective_calls.group_device(None, None if preferred is None else torch.device(preferred))
+    assert found == torch.device(expected)
+
+
+def test_a_group_that_says_it_takes_no_link_time_on_a_device_is_not_timed_there():
+    from graphsched.analysis.collective_calls import times_collectives
+
+    class HostCopies:
+        def times_collectives(self, device: torch.device) -> bool:
+            return device.type == "cuda"
+
+    assert times_collectives(HostCopies(), torch.device("cuda", 0))
+    assert not times_collectives(HostCopies(), torch.device("cpu"))
+    assert times_collectives(object(), torch.device("cpu"))  # a group that says nothing is timed
+
+
 # ---------------------------------------------------------------------------------------------
 # Alpha-beta fit
 
@@ -420,7 +478,41 @@ def _distributed_checks(rank: int, world_size: int) -> dict:
          comm.time("all_to_all", collective_bytes(n)))
         for name, gm in graphs.items() for n in gm.graph.nodes if collective_kind(n)
     ]
+    out["graph_timing"] = _time_graph_collectives(graphs, comm, rank)
     return out
+
+
+def _time_graph_collectives(graphs: dict[str, fx.GraphModule], comm: CommModel, rank: int) -> dict:
+    """What measured costs time for the graphs' own collectives, and how they price the nodes."""
+    from graphsched.analysis import graph_collectives
+    from graphsched.analysis.cost_source import MeasuredCosts
+
+    timed_calls: list[tuple[str, int, str]] = []
+    real_call = graph_collectives.collective_call
+
+    def spy(kind, numel, group, device, dtype=torch.float32, async_op=False):
+        timed_calls.append((kind, numel * torch.empty((), dtype=dtype).element_size(), str(device)))
+        return real_call(kind, numel, group, device, dtype, async_op)
+
+    graph_collectives.collective_call = spy
+    try:
+        costs = MeasuredCosts(torch.device("cpu"), comm)
+        node_costs = []
+        for name in ("forward", "backward"):
+            costs.prepare(graphs[name])
+            node_costs += [(name, collective_bytes(n), costs(n))
+                           for n in graphs[name].graph.nodes if collective_bytes(n)]
+    finally:
+        graph_collectives.collective_call = real_call
+    return {
+        "timed": {"/".join(map(str, k)): v for k, v in costs.timed_collectives.items()},
+        "calls": timed_calls,
+        "node_costs": node_costs,
+        "graph_bytes": sorted({collective_bytes(n) for gm in graphs.values() for n in gm.graph.nodes
+                               if collective_bytes(n)}),
+        "contention": costs.contention,
+        "fit_8mb": comm.time("all_to_all", 8 << 20),
+    }
 
 
 def capture_collective_block(all_to_all) -> dict[str, fx.GraphModule]:
@@ -476,6 +568,32 @@ def test_benchmarked_all_to_all_has_positive_latency_and_per_byte_cost(two_ranks
     assert r0["agreed_comm"]["per_kind"]["all_to_all"]["alpha_s"] == pytest.approx(
         2 * a2a["alpha_s"]
     )
+
+
+def test_the_gloo_fit_is_sane(two_ranks):
+    a2a = two_ranks[0]["comm"]["per_kind"]["all_to_all"]
+    # Loopback between two processes: a latency under 20 ms, a bandwidth between 10 MB/s and 1 TB/s.
+    assert 0 < a2a["alpha_s"] < 20e-3
+    assert 1e7 < 1 / a2a["beta_s_per_byte"] < 1e12
+    assert two_ranks[0]["comm"]["contention"] == 1.0  # measured on CUDA only
+    timing = two_ranks[0]["graph_timing"]
+    small = list(timing["timed"].values())
+    assert small and all(0 < t < timing["fit_8mb"] for t in small)  # 192 bytes beat 8 MiB
+
+
+def test_measured_costs_time_the_graphs_own_collective_sizes_on_gloo(two_ranks):
+    for timing in (r["graph_timing"] for r in two_ranks):
+        # The forward all-to-all and its backward transpose move the same 192 bytes: one timing,
+        # of exactly the graph's size, on host buffers (gloo), and no other.
+        assert timing["graph_bytes"] == [6 * 8 * 4]
+        assert timing["calls"] == [("all_to_all", 6 * 8 * 4, "cpu")]
+        [(key, seconds)] = timing["timed"].items()
+        assert key.split("/")[1:] == ["all_to_all", "192", "torch.float32", "cpu"]
+        # Both graphs' all-to-all nodes are priced by that timing.
+        assert [(g, b) for g, b, _ in timing["node_costs"]] == [("forward", 192), ("backward", 192)]
+        assert all(cost == seconds for _, _, cost in timing["node_costs"])
+    # Agreed: both ranks hold the slower rank's time.
+    assert two_ranks[0]["graph_timing"]["timed"] == two_ranks[1]["graph_timing"]["timed"]
 
 
 def test_collectives_of_a_captured_block_are_priced_by_the_comm_model(two_ranks):

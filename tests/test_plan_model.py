@@ -169,6 +169,39 @@ def test_solved_plan_runs_the_independent_compute_inside_the_all_to_all():
     assert plan.costs == a.node_costs()
 
 
+class _ContendedCosts:
+    """The forward graph's costs with the independent mm_1 as long as the all-to-all, so that
+    stretching it beside the transfer delays the wait; ``contention`` goes into the analysis."""
+
+    def __init__(self, contention: float) -> None:
+        self.contention = contention
+
+    def __call__(self, node: fx.Node) -> float:
+        return {"mm": 1.0, "mm_1": 3.0, "mm_2": 1.0, "all_to_all_single": 3.0}.get(node.name, 0.0)
+
+
+def test_the_predicted_step_grows_with_the_contention_factor(tmp_path):
+    from graphsched.config import GraphschedConfig
+    from graphsched.schedule.planner import IlpPlanner, plan_key
+
+    planner = IlpPlanner(GraphschedConfig(schedule="ilp", cache_dir=str(tmp_path)))
+    predicted, keys = {}, set()
+    for factor in (1.0, 1.2, 1.5):
+        gm = forward_graph()
+        analysis = analyse_graph(gm, "g0.forward", GraphKind.FORWARD, _ContendedCosts(factor))
+        assert analysis.contention == factor
+        plan = planner(analysis, gm)
+        predicted[factor] = plan.predicted_time
+        keys.add(plan_key(analysis, 1))
+        assert plan.options.get("contention", 1.0) == factor
+        # mm_1 stays under the all-to-all rather than after it (8 s).
+        assert [t.name for t in tasks_inside_windows(plan)] == ["gate.fwd[1]"]
+    # mm_1 does 3 / factor of its 3 s of work beside the all-to-all [1, 4], the rest after it;
+    # the wait and mm_2 follow it.
+    assert predicted == pytest.approx({1.0: 5.0, 1.2: 5.5, 1.5: 6.0})
+    assert len(keys) == 3  # a plan made under one factor is not reused under another
+
+
 def backward_graph() -> fx.GraphModule:
     """Outputs (grad_w, grad_x): grad_w = x.t() @ gy feeds only the parameter's gradient; grad_x
     goes through an all-to-all (the next layer's input gradient)."""

@@ -121,15 +121,19 @@ def test_coarsening_never_groups_nodes_on_both_sides_of_a_wait():
     assert holder[first.name] != holder[out.name]
 
 
-def test_measured_costs_plan_and_chunk_without_collectives_while_compiling(tmp_path):
+def test_measured_costs_plan_and_chunk_with_the_graphs_collectives_timed_in_step(tmp_path):
     from graphsched.testing.scheduling import measured_costs_checks
 
-    # The collective benchmark runs in wrap; a hang here would hit the 120 s group timeout.
+    # The size sweep runs in wrap, each graph's own collectives before it is costed (after the
+    # ranks agreed on the list); a mismatch would hang into the 120 s group timeout.
     results = run_distributed(measured_costs_checks, world_size=2, args=(str(tmp_path),), timeout_s=120)
-    for r in results:
+    for r, timed in results:
         assert all(v["scheduled"] for v in r.graph_stats.values())
         # Chunking may reorder the combine's float sums: the chunking tolerance, not bitwise.
         assert r.max_loss_diff <= 1e-5 and r.max_grad_diff <= 1e-5
+        # Every all-to-all of every planned graph was priced by a timing at its own size.
+        assert timed["planned"] and timed["planned"] <= timed["timed"]
+    assert results[0][1] == results[1][1]  # and the ranks agreed on them
 
 
 def test_a_graph_that_reads_a_collective_before_its_wait_is_refused_not_run():

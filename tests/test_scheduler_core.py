@@ -235,6 +235,10 @@ def test_under_inductor_streams_a_collective_starts_behind_the_compute_listed_be
     assert simulate(two_micro_batches(True), order).start["c0"] == 2.0
     issued_first = ["a0", "c0", "a1", "c1", "w0", "e0", "w1", "e1"]
     assert simulate(two_micro_batches(True), issued_first).start["c0"] == 1.0
+    # The event simulation used under contention keeps the same rule.
+    contended = ScheduleProblem(two_micro_batches(True).tasks, issues_follow_compute=True, contention=1.5)
+    assert simulate(contended, order).start["c0"] == 2.0
+    assert simulate(contended, issued_first).start["c0"] == 1.0
 
 
 def test_list_schedule_issues_a_ready_collective_before_compute_that_could_start_with_it():
@@ -275,6 +279,84 @@ def test_simulate_rejects_orders_that_are_not_topological_permutations(problem, 
         simulate(problem, order[:-1] + [order[0]])
     with pytest.raises(OrderError, match="permutation"):
         simulate(problem, order + ["ghost"])
+
+
+# -- contention: compute beside a collective in flight runs slower --------------------------
+
+
+def uncontended_times(problem: ScheduleProblem, order: list[str]) -> tuple[dict, dict]:
+    """The two-resource times as simulate computed them before contention existed."""
+    free = {r: 0.0 for r in RESOURCES}
+    start: dict[str, float] = {}
+    end: dict[str, float] = {}
+    for tid in order:
+        task = problem.task(tid)
+        s = max([free[task.resource]] + [end[d] for d in task.deps])
+        start[tid] = s
+        end[tid] = s + task.duration
+        free[task.resource] = end[tid]
+    return start, end
+
+
+@SETTINGS
+@given(dags(min_tasks=1, max_tasks=12))
+def test_contention_one_gives_exactly_the_uncontended_times(problem):
+    same = ScheduleProblem(problem.tasks, contention=1.0)
+    for order in (problem.topological_order(), list_schedule(problem).order):
+        start, end = uncontended_times(problem, order)
+        result = simulate(same, order)
+        assert result.start == start and result.end == end  # bitwise
+        assert result.makespan == max(end.values(), default=0.0)
+
+
+@SETTINGS
+@given(dags(min_tasks=1, max_tasks=12), st.floats(1.0, 2.0))
+def test_contended_times_lie_between_the_plain_ones_and_all_compute_stretched(problem, factor):
+    order = list_schedule(problem).order
+    plain = simulate(problem, order)
+    contended = simulate(ScheduleProblem(problem.tasks, contention=factor), order)
+    for tid in order:
+        assert contended.end[tid] >= plain.end[tid] - TOL
+        if problem.task(tid).resource == COMM:
+            duration = problem.task(tid).duration
+            assert contended.end[tid] - contended.start[tid] == pytest.approx(duration, abs=TOL)
+    assert contended.makespan <= factor * plain.makespan + TOL
+    # A factor a hair above 1 runs the event simulation: it must agree with the plain model.
+    near = simulate(ScheduleProblem(problem.tasks, contention=1.0 + 1e-12), order)
+    assert near.end == pytest.approx(plain.end, abs=1e-9)
+
+
+@pytest.mark.parametrize("comm_s, deps, stretch", [
+    (10.0, (), 1.2),       # the whole task runs while the collective is in flight
+    (1.2, (), 1.1),        # half its work inside (1.2 s at 1/1.2 speed), half after alone
+    (1.2, ("send",), 1.0),  # it waits for the collective: nothing in flight beside it
+])
+def test_a_compute_task_is_stretched_for_the_part_of_it_beside_a_collective(comm_s, deps, stretch):
+    tasks = [SchedTask("send", COMM, comm_s), SchedTask("mm", COMPUTE, 2.0, deps)]
+    schedule = simulate(ScheduleProblem(tasks, contention=1.2), ["send", "mm"])
+    took = schedule.end["mm"] - schedule.start["mm"]
+    assert took == pytest.approx(2.0 * stretch)
+    assert schedule.end["send"] == pytest.approx(comm_s)  # the transfer itself is not slowed
+
+
+@pytest.mark.parametrize("bad", [0.9, float("nan"), float("inf"), "1.2"])
+def test_a_contention_factor_below_one_or_not_a_number_is_refused(bad):
+    with pytest.raises(ProblemError, match="contention"):
+        ScheduleProblem([SchedTask("a", COMPUTE, 1.0)], contention=bad)
+
+
+@pytest.mark.parametrize("max_exact_pairs", [0, 1500], ids=["window_ilp", "exact_ilp"])
+def test_solvers_rank_their_candidates_by_the_contended_simulation(max_exact_pairs, caplog):
+    plain = moe_backward(layers=2)
+    problem = ScheduleProblem(plain.tasks, contention=1.3)
+    with caplog.at_level(logging.WARNING, logger="graphsched.schedule"):
+        result = solve(problem, time_limit_s=5.0, max_exact_pairs=max_exact_pairs)
+    # The ILPs leave contention out; what they return is timed with it, never worse than the
+    # list schedule, never under the plain problem's optimum.
+    assert simulate(problem, result.order).makespan == pytest.approx(result.makespan, abs=TOL)
+    assert lower_bound(plain) <= result.makespan <= list_schedule(problem).makespan + TOL
+    assert result.makespan > solve(plain, time_limit_s=5.0).makespan
+    assert not [r for r in caplog.records if "keeping it unproven" in r.getMessage()]
 
 
 # -- exact solver ----------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 A collective moving ``n`` bytes takes ``alpha + beta * n`` seconds. ``n`` is always the size of the
 input buffer one rank hands to the collective (the per-rank shard for an all-gather); the benchmark
 and :func:`graphsched.analysis.costmodel.collective_bytes` use that same convention, so a fitted
-model applies to graph nodes directly.
+model applies to graph nodes directly. The sweep here prices any size; ``graph_collectives.py``
+times a graph's own collectives at their sizes, and ``contention.py`` measures the factor the model
+carries for the scheduler.
 
 The agreement helpers (:func:`agree_costs`, :func:`agree_comm_model`) make every rank hold the same
 numbers: a plan computed from identical numbers is identical on every rank, which the collectives'
@@ -15,18 +17,20 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import statistics
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
-from graphsched.analysis.device_timer import time_once
+from graphsched.analysis.collective_calls import (
+    COLLECTIVE_KINDS,
+    collective_call,
+    global_rank0,
+    group_device,
+    median_time,
+)
 from graphsched.errors import ConfigError, GraphschedError
-
-#: Collective kinds the model and the benchmark know.
-COLLECTIVE_KINDS = ("all_to_all", "all_reduce", "all_gather", "reduce_scatter", "broadcast")
 
 #: Doubling message sizes (bytes) timed by default: 4 KiB .. 16 MiB spans the latency-bound and the
 #: bandwidth-bound regimes of NVLink, InfiniBand and gloo alike.
@@ -109,10 +113,20 @@ def _analytic_factor(kind: str, world_size: int) -> float:
 class CommModel:
     """One :class:`AlphaBeta` per collective kind (``all_to_all``, ``all_reduce``, ...).
 
-    A ``"default"`` entry, when present, serves kinds without their own entry.
+    A ``"default"`` entry, when present, serves kinds without their own entry. ``contention``: how
+    much slower compute runs while a collective is in flight (1.0: not at all); measured with the
+    collectives on CUDA (:mod:`graphsched.analysis.contention`), read by the scheduler's simulator.
     """
 
     per_kind: dict[str, AlphaBeta] = field(default_factory=dict)
+    contention: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.contention) and self.contention >= 1.0):
+            raise ConfigError(
+                f"CommModel.contention={self.contention!r} must be a finite number >= 1.0 (1.0: "
+                "a collective in flight does not slow compute)."
+            )
 
     def time(self, kind: str, nbytes: float) -> float:
         model = self.per_kind.get(kind) or self.per_kind.get("default")
@@ -148,59 +162,18 @@ class CommModel:
                 k: {"alpha_s": v.alpha_s, "beta_s_per_byte": v.beta_s_per_byte,
                     "rel_error": v.rel_error}
                 for k, v in sorted(self.per_kind.items())
-            }
+            },
+            "contention": self.contention,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CommModel":
-        return cls({k: AlphaBeta(**v) for k, v in data["per_kind"].items()})
+        per_kind = {k: AlphaBeta(**v) for k, v in data["per_kind"].items()}
+        return cls(per_kind, contention=float(data.get("contention", 1.0)))
 
 
 # ---------------------------------------------------------------------------------------------
 # Measuring real collectives
-
-
-def _group_device(group: dist.ProcessGroup | None) -> torch.device:
-    """Where tensors for this group's collectives must live: CUDA for any group that is not
-    gloo (NCCL, or a custom backend such as the emulated link) when a GPU is present."""
-    backend = str(dist.get_backend(group)).lower()
-    if backend != "gloo" and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _barrier(group: dist.ProcessGroup | None, device: torch.device) -> None:
-    if device.type == "cuda":
-        dist.barrier(group=group, device_ids=[device.index or 0])
-    else:
-        dist.barrier(group=group)
-
-
-def _global_rank0(group: dist.ProcessGroup | None) -> int:
-    return 0 if group is None else dist.get_global_rank(group, 0)
-
-
-def _collective_call(
-    kind: str, numel: int, world_size: int, group: dist.ProcessGroup | None, device: torch.device
-) -> tuple[Callable[[], None], int]:
-    """Buffers for one collective of ``kind`` and a closure that runs it; also its input bytes."""
-    inp = torch.ones(numel, dtype=torch.float32, device=device)
-    nbytes = inp.numel() * inp.element_size()
-    if kind == "all_to_all":
-        out = torch.empty_like(inp)
-        return (lambda: dist.all_to_all_single(out, inp, group=group)), nbytes
-    if kind == "all_reduce":
-        return (lambda: dist.all_reduce(inp, group=group)), nbytes
-    if kind == "all_gather":
-        out = torch.empty(numel * world_size, dtype=inp.dtype, device=device)
-        return (lambda: dist.all_gather_into_tensor(out, inp, group=group)), nbytes
-    if kind == "reduce_scatter":
-        out = torch.empty(numel // world_size, dtype=inp.dtype, device=device)
-        return (lambda: dist.reduce_scatter_tensor(out, inp, group=group)), nbytes
-    if kind == "broadcast":
-        src = _global_rank0(group)
-        return (lambda: dist.broadcast(inp, src=src, group=group)), nbytes
-    raise ConfigError(f"cannot benchmark collective kind {kind!r}; use some of {COLLECTIVE_KINDS}.")
 
 
 def benchmark_collectives(
@@ -209,12 +182,19 @@ def benchmark_collectives(
     kinds: Sequence[str] = ("all_to_all", "all_reduce"),
     repeats: int = 5,
     warmup: int = 1,
+    device: torch.device | None = None,
+    contention: bool = True,
 ) -> CommModel:
     """Time the group's collectives at each size (bytes per rank) and fit one alpha-beta per kind.
 
+    Buffers live where the group's collectives run (:func:`group_device`; ``device``, the model's
+    device, is preferred where the backend supports it). On CUDA, with ``contention``, the model's
+    contention factor is measured too (:func:`graphsched.analysis.contention.measure_contention`,
+    with the first of ``kinds``); elsewhere it is 1.0.
+
     Every rank must call this with the same arguments. Each timing is preceded by a barrier; the
-    median of ``repeats`` is kept, then the ranks' medians are reduced with MAX, so every rank fits
-    the same data and returns the same model.
+    median of ``repeats`` is kept, then the ranks' medians (and contention factors) are reduced
+    with MAX, so every rank fits the same data and returns the same model.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise GraphschedError(
@@ -222,39 +202,36 @@ def benchmark_collectives(
             "torch.distributed.init_process_group first (or use CommModel.analytic)."
         )
     unknown = [k for k in kinds if k not in COLLECTIVE_KINDS]
-    if unknown or repeats < 1 or warmup < 0 or len(set(sizes)) < 2:
+    if not kinds or unknown or repeats < 1 or warmup < 0 or len(set(sizes)) < 2:
         raise ConfigError(
             f"benchmark_collectives: kinds must be among {COLLECTIVE_KINDS} (unknown: {unknown}), "
-            f"repeats >= 1, warmup >= 0 and at least two distinct sizes (got repeats={repeats}, "
-            f"warmup={warmup}, sizes={list(sizes)})."
+            f"repeats >= 1, warmup >= 0 and at least two distinct sizes (got kinds={list(kinds)}, "
+            f"repeats={repeats}, warmup={warmup}, sizes={list(sizes)})."
         )
-    world_size = dist.get_world_size(group)
-    device = _group_device(group)
+    device = group_device(group, device)
     sizes = sorted(set(int(s) for s in sizes))
     measured_bytes: dict[str, list[int]] = {}
     medians: list[float] = []
     for kind in kinds:
         measured_bytes[kind] = []
         for size in sizes:
-            # float32 elements, a multiple of the world size so every rank gets an even split.
-            numel = max(world_size, -(-size // (4 * world_size)) * world_size)
-            fn, nbytes = _collective_call(kind, numel, world_size, group, device)
-            for _ in range(warmup):
-                fn()
-            samples = []
-            for _ in range(repeats):
-                _barrier(group, device)
-                samples.append(time_once(fn, device))
+            # float32 elements (collective_call rounds to a multiple of the group size).
+            fn, nbytes = collective_call(kind, -(-size // 4), group, device)
+            medians.append(median_time(fn, group, device, repeats, warmup))
             measured_bytes[kind].append(nbytes)
-            medians.append(statistics.median(samples))
-    times = torch.tensor(medians, dtype=torch.float64, device=device)
+    factor = 1.0
+    if contention and device.type == "cuda":
+        from graphsched.analysis.contention import measure_contention
+
+        factor = measure_contention(group, device, kinds[0]).factor
+    times = torch.tensor(medians + [factor], dtype=torch.float64, device=device)
     dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
     flat = times.cpu().tolist()
     per_kind: dict[str, AlphaBeta] = {}
     for i, kind in enumerate(kinds):
         chunk = flat[i * len(sizes):(i + 1) * len(sizes)]
         per_kind[kind] = fit_alpha_beta(measured_bytes[kind], chunk)
-    return CommModel(per_kind)
+    return CommModel(per_kind, contention=flat[-1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,7 +286,7 @@ def agree_costs(
         )
     if not keys:
         return {}
-    device = _group_device(group)
+    device = group_device(group)
     values = torch.tensor([float(costs[k]) for k in keys], dtype=torch.float64, device=device)
     if reduce == "max":
         dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group)
@@ -317,7 +294,7 @@ def agree_costs(
         dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
         values /= world_size
     else:
-        dist.broadcast(values, src=_global_rank0(group), group=group)
+        dist.broadcast(values, src=global_rank0(group), group=group)
     return dict(zip(keys, values.cpu().tolist()))
 
 
@@ -330,6 +307,7 @@ def agree_comm_model(
         for kind, ab in model.per_kind.items()
         for name in ("alpha_s", "beta_s_per_byte", "rel_error")
     }
+    flat["contention"] = model.contention
     agreed = agree_costs(flat, group=group, reduce=reduce)
     return CommModel(
         {
@@ -339,5 +317,6 @@ def agree_comm_model(
                 agreed[f"{kind}/rel_error"],
             )
             for kind in model.per_kind
-        }
+        },
+        contention=agreed["contention"],
     )

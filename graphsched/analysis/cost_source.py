@@ -2,10 +2,18 @@
 
 ``analytic``: FLOPs and bytes against the device's peak rates, collectives from the device spec's
 interconnect numbers. ``measured``: every compute node timed on the device with its real shapes
-(cached on disk, so a second run measures nothing), collectives from a microbenchmark of the process
-group. The microbenchmark runs in ``wrap`` (:func:`measure_comm_model`), never while a graph is
-being compiled: there, collectives of the step in flight could interleave with it, and a rank
-compiling a little later would match it against the wrong operation.
+(cached on disk, so a second run measures nothing); collectives priced by the process group itself,
+on the device buffers its collectives use:
+
+* in ``wrap`` (:func:`measure_comm_model`), a sweep of doubling sizes on the world group, fitted to
+  ``alpha + beta * bytes`` per kind, and on CUDA the contention factor (how much a collective in
+  flight slows compute, ``contention.py``), agreed across ranks;
+* before each graph is costed (:meth:`MeasuredCosts.prepare`), the graph's own collectives at their
+  sizes, dtypes and groups (``graph_collectives.py``, which says how the ranks stay matched while
+  compiling); the fit prices what is not timed there.
+
+A group whose collectives take no link time on their device (the emulated link on the host) is not
+timed at all: its collectives are priced by the analytic model, and a log line says so.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
+from graphsched.analysis.collective_calls import group_backend, group_device, times_collectives
 from graphsched.analysis.commmodel import CommModel, benchmark_collectives
 from graphsched.analysis.costmodel import (
     CostModel,
@@ -30,6 +39,7 @@ from graphsched.analysis.costmodel import (
     node_flops,
 )
 from graphsched.analysis.graph import CostFn
+from graphsched.analysis.graph_collectives import CollectiveKey, collective_key, measure_graph_collectives
 from graphsched.analysis.profiler import NodeProfiler, is_profilable
 
 log = logging.getLogger("graphsched.analysis")
@@ -41,22 +51,45 @@ def resolve_mode(mode: str, device: torch.device) -> str:
     return mode
 
 
+def analytic_comm_model(device: torch.device) -> CommModel:
+    """The device spec's interconnect numbers for the world's size (no measurement)."""
+    spec = DeviceSpec.detect(device)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 2
+    return CommModel.analytic(spec.interconnect_bandwidth, spec.interconnect_latency_s, world)
+
+
 def measure_comm_model(mode: str, device: torch.device) -> CommModel | None:
     """The measured communication model for ``mode`` (None when costs are analytic).
 
-    Call it where every rank runs the same code in the same order (``wrap``), not while compiling.
+    ``device``: the model's. Call it where every rank runs the same code in the same order
+    (``wrap``), not while compiling.
     """
     if resolve_mode(mode, device) != "measured":
         return None
-    if dist.is_available() and dist.is_initialized():
-        log.info("benchmarking the process group's collectives for the cost model")
-        return benchmark_collectives()
-    return CostModel(DeviceSpec.detect(device)).comm_model()
+    if not (dist.is_available() and dist.is_initialized()):
+        return analytic_comm_model(device)
+    bench = group_device(None, device)
+    backend = group_backend(None)
+    if not times_collectives(None, bench):
+        model = analytic_comm_model(device)
+        ab = model.per_kind["all_to_all"]
+        log.info(
+            "the process group (%s) takes no link time on %s, so its collectives are not timed; "
+            "they are priced by the analytic model (%.3g GB/s, %.0f us per collective)",
+            backend, bench, ab.bandwidth_bytes_s / 1e9, ab.alpha_s * 1e6,
+        )
+        return model
+    log.info("benchmarking the process group's collectives (%s, buffers on %s) for the cost "
+             "model", backend, bench)
+    return benchmark_collectives(device=device)
 
 
 @dataclass
 class MeasuredCosts:
-    """A cost function that profiles compute nodes and prices collectives with ``comm``.
+    """A cost function that profiles compute nodes and prices collectives as the graph runs them.
+
+    Collectives: the time :meth:`prepare` measured for the graph's own collective, else ``comm``'s
+    fit. ``contention`` (``comm``'s) goes with the costs to the scheduler.
 
     ``fused``: the graph runs as inductor's code. Its matmul-class nodes (those with a FLOP count:
     mm, bmm, addmm, convolutions, attention) run as the same library kernels as in eager and are
@@ -76,12 +109,32 @@ class MeasuredCosts:
     spec: DeviceSpec = field(init=False)
     _profiler: NodeProfiler | None = field(default=None, init=False)
     _flops: dict[fx.Node, float] = field(default_factory=dict, init=False)
+    #: The graphs' own collectives timed so far (agreed across ranks).
+    _collectives: dict[CollectiveKey, float] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.spec = DeviceSpec.detect(self.device)
 
+    @property
+    def contention(self) -> float:
+        """The scheduler's contention factor (``CommModel.contention``)."""
+        return self.comm.contention
+
+    @property
+    def timed_collectives(self) -> dict[CollectiveKey, float]:
+        """Seconds of every graph collective timed so far, by (group, kind, bytes, dtype, device)."""
+        return dict(self._collectives)
+
+    def prepare(self, gm: fx.GraphModule) -> None:
+        """Time ``gm``'s collectives at their own sizes (``analyse_graph`` calls this first)."""
+        if dist.is_available() and dist.is_initialized():
+            self._collectives.update(measure_graph_collectives(gm, self._collectives))
+
     def __call__(self, node: fx.Node) -> float:
         if is_collective_node(node):
+            timed = self._collectives.get(collective_key(node))  # type: ignore[arg-type]
+            if timed is not None:
+                return timed
             return self.comm.time(collective_kind(node), collective_bytes(node))
         if not is_compute_node(node):
             return 0.0

@@ -464,16 +464,21 @@ def analytic_cost(node: fx.Node, spec: DeviceSpec) -> float:
     )
 
 
-def collective_bytes(node: fx.Node) -> int:
-    """Bytes one rank hands to a collective issue node (its input buffers); 0 for other nodes."""
+def collective_inputs(node: fx.Node) -> list[torch.Tensor]:
+    """The (meta) tensors one rank hands to a collective issue node; [] for other nodes."""
     if not is_collective_node(node):
-        return 0
+        return []
     first = node.args[0] if node.args else None
     tensors = flat_tensors(_meta_value(first))
     if not tensors:
         # No meta on the input: an all-reduce / all-to-all output has the input's size.
         tensors = flat_tensors(node.meta.get("val"))
-    return int(sum(_logical_bytes(t) for t in tensors))
+    return tensors
+
+
+def collective_bytes(node: fx.Node) -> int:
+    """Bytes one rank hands to a collective issue node (its input buffers); 0 for other nodes."""
+    return int(sum(_logical_bytes(t) for t in collective_inputs(node)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -113,6 +113,9 @@ class GraphAnalysis:
     order: list[str]
     collectives: list[CollectiveInfo]
     graph_hash: str
+    #: How much slower compute runs while a collective is in flight (the cost function's
+    #: ``contention``; 1.0 when it has none), for the scheduler's simulator.
+    contention: float = 1.0
 
     def node(self, name: str) -> NodeInfo:
         """The record of node ``name`` (kind, phase, op, cost, gradient target)."""
@@ -252,6 +255,15 @@ def analyse_graph(
     cost_fn: CostFn,
     param_grad_positions: Sequence[int] | None = None,
 ) -> GraphAnalysis:
+    """Labels, dependencies, costs and overlap regions of ``gm``.
+
+    A cost function with a ``prepare(gm)`` method is given the graph first (measured costs time
+    the graph's collectives there, before any rank can take another path; see
+    ``graph_collectives.py``), and its ``contention`` attribute, if any, goes into the analysis.
+    """
+    prepare = getattr(cost_fn, "prepare", None)
+    if prepare is not None:
+        prepare(gm)
     graph = gm.graph
     dag = build_dag(graph)
     # One pass over the backward graph says which gradient each node reaches: the phases and the
@@ -305,4 +317,5 @@ def analyse_graph(
         order=[n.name for n in graph.nodes],
         collectives=collectives,
         graph_hash=graph_hash(graph),
+        contention=float(getattr(cost_fn, "contention", 1.0)),
     )

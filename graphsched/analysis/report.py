@@ -39,7 +39,10 @@ def graph_summary(a: GraphAnalysis, max_collectives: int = 12) -> list[str]:
         + ", ".join(f"{p.value} {phase_count[p]} nodes ({_ms(phase_cost[p])})" for p in Phase if phase_count[p])
     )
     comm = sum(c.cost for c in a.collectives)
-    lines.append(f"  collectives: {len(a.collectives)}, est. {_ms(comm)} of communication")
+    lines.append(
+        f"  collectives: {len(a.collectives)}, est. {_ms(comm)} of communication"
+        + (f"; compute beside one runs {a.contention:.3f}x longer" if a.contention != 1.0 else "")
+    )
     for c in a.collectives[:max_collectives]:
         hidden = min(c.cost, c.independent_cost)
         lines.append(

@@ -110,4 +110,7 @@ def coarsen(analysis: GraphAnalysis, issues_follow_compute: bool = False) -> Coa
             tags = frozenset({WEIGHT_GRAD}) if phase == Phase.WEIGHT_GRAD else frozenset()
         duration = sum(float(analysis.node(m).cost) for m in nodes)
         tasks.append(SchedTask(tid, resource, duration, tuple(sorted(deps[tid])), tags))
-    return CoarseGraph(ScheduleProblem(tasks, issues_follow_compute=issues_follow_compute), members, kinds)
+    problem = ScheduleProblem(
+        tasks, contention=analysis.contention, issues_follow_compute=issues_follow_compute
+    )
+    return CoarseGraph(problem, members, kinds)

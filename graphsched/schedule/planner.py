@@ -48,12 +48,14 @@ def plan_key(analysis: GraphAnalysis, world_size: int, issues_follow_compute: bo
     """Cache key: the graph, its dependencies as analysed (order-only edges included: a change to
     the analysis must not reuse a plan made under other constraints), the cost numbers and the
     world it was planned for, and the plan format (a cached plan of another format is not reused)."""
-    blob = json.dumps(
-        {"format": PLAN_FORMAT_VERSION, "graph": analysis.graph_hash, "edges": sorted(analysis.dag.edges()),
-         "costs": sorted(analysis.node_costs().items()), "world": world_size,
-         "issues_follow_compute": issues_follow_compute},
-        separators=(",", ":"),
-    ).encode()
+    key: dict[str, object] = {
+        "format": PLAN_FORMAT_VERSION, "graph": analysis.graph_hash, "edges": sorted(analysis.dag.edges()),
+        "costs": sorted(analysis.node_costs().items()), "world": world_size,
+        "issues_follow_compute": issues_follow_compute,
+    }
+    if analysis.contention != 1.0:  # keys of plans made without contention stay as they were
+        key["contention"] = analysis.contention
+    blob = json.dumps(key, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
 
 
@@ -149,6 +151,8 @@ class IlpPlanner:
             "weight_grad_tasks_in_windows": moved,
             "issues_follow_compute": follow,
         }
+        if problem.contention != 1.0:
+            plan.options["contention"] = problem.contention
         saving = captured.makespan - schedule.makespan
         log.info(
             "%s: %d tasks, %s (%s) in %.2f s; predicted %.3f ms vs %.3f ms as captured "

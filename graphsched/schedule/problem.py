@@ -13,6 +13,10 @@ waits for all of that stream's work up to the call), and NCCL called from the co
 aten executor launches each collective on its own stream behind its inputs' events alone, which is
 the default model. Under inductor's model the place of an issue in the order matters: listed after
 an unrelated compute task, the transfer waits for it.
+
+The resources are not quite independent: a transfer in flight takes memory bandwidth (and, for
+NCCL, SMs) from the compute beside it. ``ScheduleProblem.contention`` is that slowdown: a compute
+task runs ``contention`` times longer for the part of it that overlaps a comm task.
 """
 
 from __future__ import annotations
@@ -81,11 +85,17 @@ class Schedule:
 @dataclass
 class ScheduleProblem:
     """A validated set of tasks. Do not mutate ``tasks`` after construction: derived data
-    (topological order, path lengths) is computed once here."""
+    (topological order, path lengths) is computed once here.
+
+    ``contention`` (>= 1): compute runs that many times slower while a comm task is in flight
+    (1.0, the default: not at all). Durations, path lengths and the lower bound are those of the
+    tasks alone; only the simulator stretches compute, so every bound here stays a bound.
+    """
 
     tasks: list[SchedTask]
     #: Collectives start behind every compute task listed before them (see the module doc).
     issues_follow_compute: bool = False
+    contention: float = 1.0
     _by_id: dict[str, SchedTask] = field(init=False, repr=False, compare=False)
     _children: dict[str, list[str]] = field(init=False, repr=False, compare=False)
     _topo: list[str] = field(init=False, repr=False, compare=False)
@@ -95,6 +105,12 @@ class ScheduleProblem:
 
     def __post_init__(self) -> None:
         self.tasks = list(self.tasks)
+        c = self.contention
+        if not isinstance(c, (int, float)) or not (math.isfinite(c) and c >= 1.0):
+            raise ProblemError(
+                f"contention={c!r} must be a finite number >= 1.0 (1.0: a collective in flight "
+                "does not slow compute; 1.1: compute beside one runs 10% slower)."
+            )
         self._by_id = {}
         for t in self.tasks:
             if not isinstance(t, SchedTask):

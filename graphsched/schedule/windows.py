@@ -336,6 +336,7 @@ def solve_windows(
     core = ScheduleProblem(
         [t for t in problem.tasks if t.id not in deferred],
         issues_follow_compute=problem.issues_follow_compute,
+        contention=problem.contention,
     )
     timeline = list_schedule(core)
     tol = tolerance(problem)

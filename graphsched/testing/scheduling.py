@@ -168,13 +168,30 @@ def plan_file_checks(rank: int, world_size: int, cache_dir: str, plan_path: str)
 
 
 def measured_costs_checks(rank: int, world_size: int, cache_dir: str) -> Any:
-    """Measured costs (node profiling, collective benchmark at wrap) with chunks chosen from them."""
+    """Measured costs (node profiling, the collective sweep at wrap, each graph's collectives timed
+    at its sizes) with chunks chosen from them. Also returns the (bytes, seconds) that were timed
+    and the (bytes, seconds) each graph's collective nodes were priced at."""
+    from graphsched.analysis.cost_source import MeasuredCosts
+    from graphsched.analysis.costmodel import collective_bytes
     from graphsched.testing.parity import ParitySpec, run_parity
 
-    spec = ParitySpec(
-        model_overrides={"top_k": 2, "capacity_factor": 0.75},
-        steps=2,
-        wrap_options={"schedule": "ilp", "cost_model": "measured", "chunks": "auto", "cache_dir": cache_dir},
-        check_inference=False,
-    )
-    return run_parity(rank, world_size, spec)
+    seen: dict[str, set] = {"timed": set(), "planned": set()}
+    original = MeasuredCosts.prepare
+
+    def prepare(self: MeasuredCosts, gm: fx.GraphModule) -> None:
+        original(self, gm)
+        seen["timed"] |= {(key[2], seconds) for key, seconds in self.timed_collectives.items()}
+        seen["planned"] |= {(collective_bytes(n), self(n)) for n in gm.graph.nodes if is_collective_node(n)}
+
+    MeasuredCosts.prepare = prepare  # type: ignore[method-assign]
+    try:
+        spec = ParitySpec(
+            model_overrides={"top_k": 2, "capacity_factor": 0.75},
+            steps=2,
+            wrap_options={"schedule": "ilp", "cost_model": "measured", "chunks": "auto", "cache_dir": cache_dir},
+            check_inference=False,
+        )
+        result = run_parity(rank, world_size, spec)
+    finally:
+        MeasuredCosts.prepare = original  # type: ignore[method-assign]
+    return result, seen

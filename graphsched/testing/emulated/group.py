@@ -100,6 +100,12 @@ class EmulatedProcessGroup(dist.ProcessGroup):
             f"bandwidth_gbps={self._options.bandwidth_gbps}, name={self._name!r})"
         )
 
+    def times_collectives(self, device: torch.device) -> bool:
+        """Whether a collective on ``device`` takes the link's time: on CUDA only (on the host the
+        data are copied and the bytes counted, nothing waits). graphsched's cost measurement asks
+        this before timing a group (``graphsched.analysis.collective_calls.times_collectives``)."""
+        return device.type == "cuda"
+
     def copy_scale(self, device: torch.device) -> float:
         """Copied bytes per wire byte: ``copy_bandwidth / bandwidth`` (0 with infinite bandwidth)."""
         if not self._options.moves_bytes:
