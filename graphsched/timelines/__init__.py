@@ -43,7 +43,7 @@ def timeline(model: nn.Module, step_fn: Callable[[], Any] | None = None, rank: i
         with api.record(model, rank=rank) as rec:
             step_fn()
         rank = rec.rank
-        measured = Timeline.from_timings(rec.timings, rank)
+        measured = Timeline.from_timings(rec.timings, rank, plans=rec.plans)
     elif rank is None:
         import torch.distributed as dist
 
