@@ -372,3 +372,7 @@ def test_timeline_of_a_wrapped_model_predicts_and_measures_one_step(one_rank_gro
                  for w, i in plans_[graph].collective_pairs().items()}
         measured_pairs = {iv.name: iv.wait for iv in tls.measured.ranks[0][graph] if iv.kind == TaskKind.COLLECTIVE_ISSUE}
         assert measured_pairs == pairs and pairs
+    # The summary compares predicted with measured per graph and task class.
+    rows = tls.errors()
+    assert {r.graph for r in rows} == {"g0.forward", "g0.backward", "step"}
+    assert tls.error_report() in tls.summary()

@@ -20,12 +20,15 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from graphsched.errors import ConfigError, GraphschedError
 from graphsched.plan import COMM_STREAM, COMPUTE_STREAM, Plan, TaskKind
 from graphsched.schedule.problem import COMM, COMPUTE, SchedTask, ScheduleProblem
 from graphsched.schedule.simulate import simulate
+
+if TYPE_CHECKING:
+    from graphsched.timelines.report import ErrorRow
 
 PREDICTED = "predicted"
 MEASURED = "measured"
@@ -261,6 +264,19 @@ class Timelines:
         from graphsched.timelines.summary import summarize
 
         return summarize(self)
+
+    def errors(self, rank: int | None = None) -> list["ErrorRow"]:
+        """Predicted against measured per graph and task class (``timelines/report.py``'s
+        ErrorRow list); needs both timelines. ``rank`` defaults to the slowest measured rank."""
+        from graphsched.timelines.report import error_rows
+
+        return error_rows(self, rank)
+
+    def error_report(self, rank: int | None = None) -> str:
+        """The text table of :meth:`errors` (also part of :meth:`summary` when both exist)."""
+        from graphsched.timelines.report import error_report
+
+        return error_report(self, rank)
 
     def write_trace(self, path: str | Path) -> Path:
         from graphsched.timelines.trace import write_chrome_trace
