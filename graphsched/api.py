@@ -226,13 +226,16 @@ def captured_graphs(model: nn.Module) -> dict[str, fx.GraphModule]:
 def record(model: nn.Module, rank: int | None = None) -> Iterator[StepRecorder]:
     """Record every scheduled task's start and end while the block runs (one or more steps).
 
-    ``with graphsched.record(model) as rec: step()`` then ``rec.finish()`` lists TaskTimings. Graphs
+    ``with graphsched.record(model) as rec: step()`` then ``rec.finish()`` lists TaskTimings and
+    ``rec.plans`` holds the plans they were recorded under (for ``Timeline.from_timings``). Graphs
     compiled inside the block are recorded from their first run on.
     """
     state = state_of(model)
     if rank is None:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     recorder = StepRecorder(rank=rank)
+    # Taken before and after the block: a measured choice may drop a variant's graphs meanwhile.
+    recorder.plans = captured_plans(model)
     state.capture.recorder = recorder
     try:
         for g in state.capture.graphs:
@@ -244,6 +247,7 @@ def record(model: nn.Module, rank: int | None = None) -> Iterator[StepRecorder]:
             if g.executor is not None:
                 g.executor.recorder = None
         state.capture.recorder = None
+        recorder.plans.update(captured_plans(model))
         recorder.finish()
 
 

@@ -92,10 +92,11 @@ def _write_timelines(out: Path, plans: dict[str, Any], results: list[ParityResul
     from graphsched.plan import Plan
     from graphsched.timelines import Timeline, Timelines, step_graph_order
 
-    parts = [Timeline.from_timings(r.timings, r.rank) for r in results if r.timings]
+    # Every rank ran rank 0's plans (the ranks agree on them before the first step).
+    plan_objs = {name: Plan.from_dict(p) for name, p in plans.items()}
+    parts = [Timeline.from_timings(r.timings, r.rank, plans=plan_objs) for r in results if r.timings]
     measured = Timeline.merge(parts) if parts else None
     predicted = None
-    plan_objs = {name: Plan.from_dict(p) for name, p in plans.items()}
     graphs = step_graph_order(plan_objs)
     if measured is not None:
         graphs = [g for g in graphs if g in next(iter(measured.ranks.values()))] or graphs

@@ -102,12 +102,29 @@ class Plan:
     version: int = PLAN_FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        self.check_collectives()
+
+    def check_collectives(self) -> None:
+        """Refuse a plan whose waits and collectives are not paired one way: every wait task names
+        exactly one collective task of this plan, and only wait tasks name one.
+
+        Run on construction and again by the runtime before a plan runs (a plan's tasks are plain
+        data that may have changed since); raises ValueError naming the fix.
+        """
         issues: dict[str, int] = {}
         for t in self.tasks:
             if t.kind == TaskKind.COLLECTIVE_ISSUE:
                 issues[t.name] = issues.get(t.name, 0) + 1
         for t in self.tasks:
             if t.collective is None:
+                if t.kind == TaskKind.COLLECTIVE_WAIT:
+                    raise ValueError(
+                        f"wait task {t.name!r} of plan {self.graph_name!r} names no collective "
+                        "(Task.collective is None), so nothing can tell which transfer it "
+                        "completes; set collective= to the name of the collective task it waits "
+                        "for, or build the plan with graphsched.schedule.plans (finish_tasks "
+                        "pairs every wait with its collective)."
+                    )
                 continue
             if t.kind != TaskKind.COLLECTIVE_WAIT:
                 raise ValueError(
@@ -125,7 +142,7 @@ class Plan:
         return [n for t in self.tasks for n in t.nodes]
 
     def collective_pairs(self) -> dict[int, int]:
-        """Wait task index -> index of the collective task it completes, for every paired wait."""
+        """Wait task index -> index of the collective task it completes, for every wait."""
         index = {t.name: i for i, t in enumerate(self.tasks) if t.kind == TaskKind.COLLECTIVE_ISSUE}
         return {i: index[t.collective] for i, t in enumerate(self.tasks) if t.collective is not None}
 

@@ -155,7 +155,7 @@ def _plan():
         Task("a.dX", ["n0"], kind="compute", phase="input_grad"),
         Task("ffn.all_to_all_single", ["n1"], COMM_STREAM, "collective_issue", "input_grad"),
         Task("w.dW", ["n2"], kind="compute", phase="weight_grad"),
-        Task("ffn.wait", ["n3"], kind="collective_wait", phase="input_grad"),
+        Task("ffn.wait", ["n3"], kind="collective_wait", phase="input_grad", collective="ffn.all_to_all_single"),
         Task("x.dX", ["n4"], kind="compute", phase="input_grad"),
         Task("v.dW", ["n5"], kind="compute", phase="weight_grad"),
     ]
@@ -234,7 +234,7 @@ def test_collectives_are_issued_as_soon_as_their_inputs_exist_and_waited_just_be
         Task("a.dX", ["n0"], kind="compute", phase="input_grad"),
         Task("b.dW", ["n1"], kind="compute", phase="weight_grad"),
         Task("ffn.all_to_all_single", ["n2"], COMM_STREAM, "collective_issue", "input_grad"),
-        Task("ffn.wait", ["n3"], kind="collective_wait", phase="input_grad"),
+        Task("ffn.wait", ["n3"], kind="collective_wait", phase="input_grad", collective="ffn.all_to_all_single"),
         Task("c.dW", ["n4"], kind="compute", phase="weight_grad"),
         Task("x.dX", ["n5"], kind="compute", phase="input_grad"),
     ]
@@ -276,10 +276,10 @@ def test_a_later_chunks_issue_and_the_kernel_making_its_input_go_ahead_of_earlie
     tasks = [
         Task("gate.fwd", ["n0"], kind="compute"),
         Task("ffn.all_to_all_single", ["n1", "n2"], COMM_STREAM, "collective_issue"),
-        Task("ffn.wait", ["n4"], kind="collective_wait"),
+        Task("ffn.wait", ["n4"], kind="collective_wait", collective="ffn.all_to_all_single"),
         Task("experts.fwd", ["n5"], kind="compute"),
         Task("ffn.all_to_all_single[1]", ["n3", "n6"], COMM_STREAM, "collective_issue"),
-        Task("ffn.wait[1]", ["n7"], kind="collective_wait"),
+        Task("ffn.wait[1]", ["n7"], kind="collective_wait", collective="ffn.all_to_all_single[1]"),
         Task("experts.fwd[1]", ["n8"], kind="compute"),
     ]
     plan = Plan("g.forward", "h", tasks, costs={f"n{i}": 1e-3 for i in range(9)})

@@ -62,6 +62,27 @@ def test_only_a_wait_names_a_collective_and_it_must_be_in_the_plan():
         Plan("g", "h", [Task("w", ["w"], kind="collective_wait", collective="c")])
 
 
+def test_a_wait_that_names_no_collective_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="names no collective.*set collective=.*finish_tasks"):
+        Plan("g", "h", [Task("c", ["c"], "comm", "collective_issue"), Task("w", ["w"], kind="collective_wait")])
+    data = json.loads(_plan().to_json())  # a plan file whose wait lost its collective
+    data["tasks"][2]["collective"] = None
+    with pytest.raises(ValueError, match="names no collective"):
+        Plan.from_dict(data)
+
+
+def test_the_runtime_refuses_a_plan_whose_wait_lost_its_collective_after_construction():
+    from graphsched.errors import PlanError
+    from graphsched.runtime.executor import validate_plan
+
+    gm, a = _analyse_forward()
+    plan = simple_plan(a, gm, "identity")
+    assert validate_plan(gm.graph, plan)  # as planned: valid
+    plan.tasks[3].collective = None
+    with pytest.raises(PlanError, match="wait task 'ffn.wait' of plan 'g0.forward' names no collective"):
+        validate_plan(gm.graph, plan)
+
+
 # -- the analysis and planning passes on hand-built graphs (no process group: nothing runs) ---------
 
 aten = torch.ops.aten
@@ -200,6 +221,33 @@ def test_the_predicted_step_grows_with_the_contention_factor(tmp_path):
     # the wait and mm_2 follow it.
     assert predicted == pytest.approx({1.0: 5.0, 1.2: 5.5, 1.5: 6.0})
     assert len(keys) == 3  # a plan made under one factor is not reused under another
+
+
+def sliced_wait_graph() -> fx.GraphModule:
+    """A chunked graph's shape: the all-to-all's output is sliced (a view) before each slice is
+    waited for, so neither wait is a direct user of the issue."""
+    g = fx.Graph()
+    x, w = g.placeholder("x"), g.placeholder("w")
+    a = _in_module(_call(g, "mm", aten.mm.default, x, w), "gate")
+    c = _in_module(_call(g, "all_to_all_single", funcol.all_to_all_single.default, a, [2, 2], [2, 2], "0"), "ffn")
+    s0 = _in_module(_call(g, "slice_1", aten.slice.Tensor, c, 0, 0, 2), "ffn")
+    s1 = _in_module(_call(g, "slice_2", aten.slice.Tensor, c, 0, 2, 4), "ffn")
+    w0 = _in_module(_call(g, "wait_tensor", funcol.wait_tensor.default, s0), "ffn")
+    w1 = _in_module(_call(g, "wait_tensor_1", funcol.wait_tensor.default, s1), "ffn")
+    out = _in_module(_call(g, "add", aten.add.Tensor, w0, w1), "experts")
+    g.output((out,))
+    return fx.GraphModule(torch.nn.Module(), g)
+
+
+def test_waits_reached_through_views_are_paired_with_their_collective():
+    gm = sliced_wait_graph()
+    a = analyse_graph(gm, "g0.forward", GraphKind.FORWARD, _cost)
+    plan = simple_plan(a, gm, "identity")
+    waits = [t for t in plan.tasks if t.kind == TaskKind.COLLECTIVE_WAIT]
+    assert [t.name for t in waits] == ["ffn.wait", "ffn.wait[1]"]
+    assert all(t.collective == "ffn.all_to_all_single" for t in waits)
+    issue = next(i for i, t in enumerate(plan.tasks) if t.kind == TaskKind.COLLECTIVE_ISSUE)
+    assert sorted(plan.collective_pairs().values()) == [issue, issue]
 
 
 def backward_graph() -> fx.GraphModule:

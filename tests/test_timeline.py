@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from graphsched.errors import ConfigError, GraphschedError
-from graphsched.plan import Plan, Task
+from graphsched.plan import Plan, Task, TaskKind
 from graphsched.runtime.recorder import TaskTiming
 from graphsched.timelines import (
     Timeline,
@@ -122,9 +122,10 @@ def test_waits_match_the_collective_their_plan_names():
     ]
     plan = Plan("g0.forward", "h", tasks)
     assert match_collectives(plan) == {3: 1, 4: 2, 5: 0}
-    # A wait without a named collective is paired with nothing (no guess from task names).
+    # A wait without a named collective is refused (no guess from task names or times).
     tasks[3].collective = None
-    assert match_collectives(plan) == {4: 2, 5: 0}
+    with pytest.raises(ValueError, match="names no collective"):
+        Plan("g0.forward", "h", tasks)
     with pytest.raises(ValueError, match="no collective task"):
         Plan("g0.forward", "h", tasks[:2] + [Task("x.wait", ["w9"], "compute", "collective_wait", collective="nope")])
 
@@ -139,7 +140,7 @@ def test_a_plan_without_times_or_costs_names_the_fix():
 
 
 def test_measured_timings_start_at_zero_with_collectives_on_the_comm_lane():
-    tl = Timeline.from_timings(measured_timings(), rank=1)
+    tl = Timeline.from_timings(measured_timings(), rank=1, plans=plans())
     assert tl.source == "measured" and list(tl.ranks) == [1]
     assert list(tl.ranks[1]) == ["g0.forward", "g0.backward"]
     ivs = {iv.name: iv for _g, iv in tl.intervals(1)}
@@ -149,14 +150,63 @@ def test_measured_timings_start_at_zero_with_collectives_on_the_comm_lane():
     # dicts (as sent between processes) give the same timeline
     from dataclasses import asdict
 
-    assert Timeline.from_timings([asdict(t) for t in measured_timings()], rank=1) == tl
+    assert Timeline.from_timings([asdict(t) for t in measured_timings()], rank=1, plans=plans()) == tl
+
+
+def two_collectives_plan() -> Plan:
+    """Two all-to-alls in flight at once; q's wait comes first, then p's."""
+    return Plan("g0.forward", "h2", [
+        Task("p.all_to_all_single", ["c0"], "comm", "collective_issue"),
+        Task("q.all_to_all_single", ["c1"], "comm", "collective_issue"),
+        Task("a.fwd", ["n0"]),
+        Task("q.wait", ["w1"], kind="collective_wait", collective="q.all_to_all_single"),
+        Task("p.wait", ["w0"], kind="collective_wait", collective="p.all_to_all_single"),
+    ])
+
+
+def overlapping_timings() -> list[TaskTiming]:
+    """p's transfer ends last (3.95) and q's first (2.9), but p's wait ends first (3.0): each
+    collective's end is closest to the *other* collective's wait (ends recorded on two clocks,
+    or an end event recorded late, need not coincide)."""
+    return [
+        TaskTiming("g0.forward", "a.fwd", "compute", "compute", "forward", 1.0, 2.0),
+        TaskTiming("g0.forward", "q.wait", "compute", "collective_wait", "forward", 3.0, 3.9),
+        TaskTiming("g0.forward", "p.wait", "compute", "collective_wait", "forward", 2.0, 3.0),
+        TaskTiming("g0.forward", "p.all_to_all_single", "comm", "collective_issue", "forward", 0.0, 3.95),
+        TaskTiming("g0.forward", "q.all_to_all_single", "comm", "collective_issue", "forward", 0.5, 2.9),
+    ]
+
+
+def test_measured_collectives_are_paired_by_the_plan_not_by_the_closest_wait_end():
+    tl = Timeline.from_timings(overlapping_timings(), plans={"g0.forward": two_collectives_plan()})
+    ivs = {iv.name: iv for _g, iv in tl.intervals(0)}
+    for name in ("p", "q"):
+        wait = ivs[f"{name}.all_to_all_single"].wait
+        assert wait == f"{name}.wait"
+        # the closest-end rule would have paired it with the other wait
+        closest = min(("p.wait", "q.wait"), key=lambda w: abs(ivs[w].end - ivs[f"{name}.all_to_all_single"].end))
+        assert closest != wait
+    flows = [e for e in to_chrome_trace(tl)["traceEvents"] if e["ph"] == "f"]
+    assert sorted(e["ts"] for e in flows) == [ivs["p.wait"].start * 1e6, ivs["q.wait"].start * 1e6]
+
+
+def test_measured_collectives_without_their_plan_are_an_error_naming_the_fix():
+    with pytest.raises(GraphschedError, match="no plan of that graph was given.*plans="):
+        Timeline.from_timings(overlapping_timings())
+    with pytest.raises(GraphschedError, match="no plan of that graph"):
+        Timeline.from_timings(overlapping_timings(), plans={"g0.backward": backward_plan()})
+    with pytest.raises(GraphschedError, match="paired with no wait in the plan.*the plans the step ran"):
+        Timeline.from_timings(overlapping_timings(), plans={"g0.forward": forward_plan()})
+    # Timings without collectives need no plan.
+    computed = [t for t in overlapping_timings() if t.kind == TaskKind.COMPUTE]
+    assert [iv.name for _g, iv in Timeline.from_timings(computed).intervals(0)] == ["a.fwd"]
 
 
 def test_merge_joins_ranks_of_one_source_only():
-    merged = Timeline.merge([Timeline.from_timings(measured_timings(), r) for r in (1, 0)])
+    merged = Timeline.merge([Timeline.from_timings(measured_timings(), r, plans=plans()) for r in (1, 0)])
     assert list(merged.ranks) == [0, 1]
     with pytest.raises(ConfigError, match="rank 0"):
-        Timeline.merge([merged, Timeline.from_timings(measured_timings(), 0)])
+        Timeline.merge([merged, Timeline.from_timings(measured_timings(), 0, plans=plans())])
     with pytest.raises(ConfigError, match="sources"):
         Timeline.merge([merged, Timeline.from_plans(plans())])
 
@@ -170,7 +220,7 @@ def test_summary_figures_agree_with_the_plan():
     every = [iv for _g, iv in tl.intervals(0)]
     assert s.step_time == max(iv.end for iv in every) == 7.5
     assert s.comm_total == sum(iv.duration for iv in every if iv.stream == "comm") == 4.0
-    assert s.compute_busy == pytest.approx(sum(iv.duration for iv in every if iv.kind == "compute"))
+    assert s.compute_busy == pytest.approx(sum(iv.duration for iv in every if iv.kind == TaskKind.COMPUTE))
     # forward: transfer [1,3], compute idle [2,3]; backward: transfer [5,7], compute idle [6.5,7]
     assert s.exposed_comm == pytest.approx(1.5) and s.exposed_comm <= s.comm_total
     assert s.overlap_ratio == pytest.approx(2.5 / 4.0)
@@ -185,7 +235,7 @@ def test_summary_figures_agree_with_the_plan():
 
 
 def test_summary_compares_predicted_and_measured_when_both_exist():
-    text = Timelines(Timeline.from_plans(plans()), Timeline.from_timings(measured_timings())).summary()
+    text = Timelines(Timeline.from_plans(plans()), Timeline.from_timings(measured_timings(), plans=plans())).summary()
     assert "predicted" in text and "measured" in text and "measured / predicted" in text
 
 
@@ -193,7 +243,7 @@ def test_summary_compares_predicted_and_measured_when_both_exist():
 
 
 def _both() -> Timelines:
-    measured = Timeline.merge([Timeline.from_timings(measured_timings(), r) for r in (0, 1)])
+    measured = Timeline.merge([Timeline.from_timings(measured_timings(), r, plans=plans()) for r in (0, 1)])
     return Timelines(Timeline.from_plans(plans()), measured)
 
 
@@ -316,3 +366,13 @@ def test_timeline_of_a_wrapped_model_predicts_and_measures_one_step(one_rank_gro
     every = [iv for _g, iv in tls.measured.intervals(0)]
     assert all(iv.end >= iv.start >= 0 for iv in every)
     assert rank_stats(tls.measured, 0).step_time > 0
+    # Each measured collective is paired with the wait its plan names.
+    for graph in ("g0.forward", "g0.backward"):
+        pairs = {plans_[graph].tasks[i].name: plans_[graph].tasks[w].name
+                 for w, i in plans_[graph].collective_pairs().items()}
+        measured_pairs = {iv.name: iv.wait for iv in tls.measured.ranks[0][graph] if iv.kind == TaskKind.COLLECTIVE_ISSUE}
+        assert measured_pairs == pairs and pairs
+    # The summary compares predicted with measured per graph and task class.
+    rows = tls.errors()
+    assert {r.graph for r in rows} == {"g0.forward", "g0.backward", "step"}
+    assert tls.error_report() in tls.summary()

@@ -40,13 +40,9 @@ from graphsched.codegen.snodes import (
     origin_names,
     snode_name,
 )
-from graphsched.plan import Plan
+from graphsched.plan import Phase, Plan
 
 log = logging.getLogger(__name__)
-
-#: Weight-gradient phase name in plans.
-_WEIGHT_GRAD = "weight_grad"
-
 
 def order_by_wanted_position(
     wanted: Sequence[float], deps: Sequence[set[int]]
@@ -149,7 +145,7 @@ class InductorPlanOrder:
         that need the window's wait (or later work) keep the latest position."""
         in_window = {
             t for lo, hi in self._windows() for t in range(lo + 1, hi)
-            if self.plan.tasks[t].phase == _WEIGHT_GRAD
+            if self.plan.tasks[t].phase == Phase.WEIGHT_GRAD
         }
         if not in_window:
             return
@@ -205,7 +201,7 @@ class InductorPlanOrder:
                 continue
             start, end = max(issue_k), min(wait_k)
             for t in range(lo + 1, hi):
-                if tasks[t].phase != _WEIGHT_GRAD or t not in kernels_of_task:
+                if tasks[t].phase != Phase.WEIGHT_GRAD or t not in kernels_of_task:
                     continue
                 planned_in.append(tasks[t].name)
                 outside = [k for k in kernels_of_task[t] if not (start < position[k] < end)]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+from graphsched.plan import TaskKind
+
 
 def sub_nodes(snode: Any) -> list[Any]:
     try:
@@ -119,13 +121,14 @@ def _is_graph_input(name: str) -> bool:
 #: (role, ``graphsched.compat`` predicate on the IR node, IR class-name fragment used where the
 #: predicate is missing or fails): how a scheduler node is told to be a collective or a wait.
 _COMM_ROLES = (
-    ("collective_issue", "is_collective", "Collective"),
-    ("collective_wait", "is_wait", "_WaitKernel"),
+    (TaskKind.COLLECTIVE_ISSUE, "is_collective", "Collective"),
+    (TaskKind.COLLECTIVE_WAIT, "is_wait", "_WaitKernel"),
 )
 
 
-def comm_role(snode: Any) -> str | None:
-    """``"collective_issue"`` for a collective's kernel, ``"collective_wait"`` for a wait's, else None.
+def comm_role(snode: Any) -> TaskKind | None:
+    """The kind of plan task a kernel belongs to when it is a collective's (``COLLECTIVE_ISSUE``)
+    or a wait's (``COLLECTIVE_WAIT``), else None.
 
     Asked of ``graphsched.compat.is_collective`` / ``is_wait`` on the snode's IR node; on an
     inductor without them, read from the IR class name."""
@@ -144,11 +147,11 @@ def comm_role(snode: Any) -> str | None:
 
 
 def is_issue_kernel(snode: Any) -> bool:
-    return comm_role(snode) == "collective_issue"
+    return comm_role(snode) == TaskKind.COLLECTIVE_ISSUE
 
 
 def is_wait_kernel(snode: Any) -> bool:
-    return comm_role(snode) == "collective_wait"
+    return comm_role(snode) == TaskKind.COLLECTIVE_WAIT
 
 
 def snode_name(snode: Any, i: int) -> str:

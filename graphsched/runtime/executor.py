@@ -24,10 +24,15 @@ from graphsched.runtime.streams import StreamSet
 
 
 def validate_plan(graph: fx.Graph, plan: Plan) -> list[fx.Node]:
-    """Check that ``plan`` covers every compute node of ``graph`` once, in a topological order.
+    """Check that ``plan`` covers every compute node of ``graph`` once, in a topological order,
+    and that each of its wait tasks names the collective it completes.
 
     Returns the nodes in plan order. Raises PlanError naming the first problem.
     """
+    try:
+        plan.check_collectives()  # again here: a plan's tasks may have changed since construction
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
     by_name = {n.name: n for n in graph.nodes}
     order = plan.node_order()
     seen: set[str] = set()

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from graphsched.plan import COMPUTE_STREAM, Plan
+from graphsched.plan import COMPUTE_STREAM, Plan, TaskKind
 
 
 @dataclass(frozen=True)
@@ -229,7 +229,7 @@ def _recorded(code: Instructions, issued: set[int], i: int, add: Callable[[int],
     """The statements that record task ``i`` once it has ended: ``add(t)`` records task ``t`` up to
     now. A collective's issue records nothing yet; its wait records itself and then the
     collective, from the issue's start to the wait's end (the plan names the pair)."""
-    if code.tasks[i].kind == "collective_issue":
+    if code.tasks[i].kind == TaskKind.COLLECTIVE_ISSUE:
         issued.add(i)
         return []
     lines = [add(i)]
@@ -252,7 +252,7 @@ class _HostClockRecording:
 
     def after_task(self, i: int) -> list[str]:
         lines = ["    _t1 = R.now()"]
-        if self.code.tasks[i].kind == "collective_issue":
+        if self.code.tasks[i].kind == TaskKind.COLLECTIVE_ISSUE:
             lines.append(f"    _i{i} = _t0")
         return lines + _recorded(
             self.code, self.issued, i, lambda t: f"    R.add(G, *TK[{t}], {'_t0' if t == i else f'_i{t}'}, _t1)"

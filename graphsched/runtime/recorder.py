@@ -31,6 +31,9 @@ class StepRecorder:
 
     rank: int = 0
     timings: list[TaskTiming] = field(default_factory=list)
+    #: graph name -> the Plan its timings were recorded under (set by ``graphsched.record``): the
+    #: plan names which wait completes each collective, which the timings alone do not say.
+    plans: dict[str, Any] = field(default_factory=dict)
     #: CUDA: (graph, task, stream, kind, phase, start event, end event), resolved by ``finish``.
     _pending: list[tuple[Any, ...]] = field(default_factory=list)
     _origin_event: Any = None

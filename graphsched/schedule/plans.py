@@ -12,6 +12,7 @@ from typing import Sequence
 import torch.fx as fx
 
 from graphsched.analysis.graph import GraphAnalysis, ordered_topological_sort, random_order_edges
+from graphsched.analysis.labels import NodeKind
 from graphsched.plan import COMM_STREAM, COMPUTE_STREAM, Phase, Plan, Task, TaskKind
 from graphsched.schedule.coarsen import task_kind
 
@@ -97,17 +98,42 @@ def tasks_from_order(
 def pair_collectives(tasks: Sequence[Task], analysis: GraphAnalysis) -> None:
     """Name in every wait task the collective task it completes (``Task.collective``).
 
-    The one place where a plan's collective/wait pairs are made, from the analysis' pairs of issue
-    and wait nodes; run it once the tasks have their final names.
+    The one place where a plan's collective/wait pairs are made: a wait completes the collective
+    issue its input comes from, through views (a chunked graph slices a collective's output
+    before waiting on each slice; a coalesced collective's outputs reach their waits through
+    ``getitem``). Run it once the tasks have their final names. A wait it cannot pair keeps
+    ``collective=None``, which ``Plan`` refuses.
     """
     task_of = {n: t for t in tasks for n in t.nodes}
-    for c in analysis.collectives:
-        issue = task_of.get(c.issue)
-        wait = task_of.get(c.wait) if c.wait is not None else None
-        if issue is None or wait is None:
+    for wait in tasks:
+        if wait.kind != TaskKind.COLLECTIVE_WAIT:
             continue
-        if issue.kind == TaskKind.COLLECTIVE_ISSUE and wait.kind == TaskKind.COLLECTIVE_WAIT:
-            wait.collective = issue.name
+        found = {
+            task_of[issue].name
+            for node in wait.nodes
+            for issue in issues_behind(analysis, node)
+            if issue in task_of and task_of[issue].kind == TaskKind.COLLECTIVE_ISSUE
+        }
+        if len(found) == 1:
+            wait.collective = found.pop()
+
+
+def issues_behind(analysis: GraphAnalysis, node: str) -> set[str]:
+    """The collective issue nodes whose results reach ``node`` through views only."""
+    found: set[str] = set()
+    todo = [p for p, _, data in analysis.dag.in_edges(node, data=True) if not data.get("order_only")]
+    seen: set[str] = set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        kind = analysis.node(p).kind
+        if kind == NodeKind.COLLECTIVE_ISSUE:
+            found.add(p)
+        elif kind == NodeKind.VIEW:
+            todo += [q for q, _, data in analysis.dag.in_edges(p, data=True) if not data.get("order_only")]
+    return found
 
 
 def captured_order(gm: fx.GraphModule) -> list[str]:

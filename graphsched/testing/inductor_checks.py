@@ -16,6 +16,7 @@ import torch.distributed as dist
 import graphsched
 from graphsched.analysis.labels import GraphKind
 from graphsched.codegen.compiler import inductor_oracle_backend
+from graphsched.plan import Phase
 
 
 def _generated_code(fn: Any) -> tuple[Any, list[str]]:
@@ -60,7 +61,7 @@ def dw_kernels_in_code_windows(code: str, report: dict[str, Any], plan: Any) -> 
     """
     lines = code.splitlines()
     windows = [w for w in windows_in_code(code) if w["wait_line"] is not None]
-    dw_tasks = {t.name for t in plan.tasks if t.phase == "weight_grad"}
+    dw_tasks = {t.name for t in plan.tasks if t.phase == Phase.WEIGHT_GRAD}
     inside: list[str] = []
     located = 0
     for task, kernels in report["task_kernels"].items():

@@ -1,8 +1,10 @@
 """Timelines of a step: predicted from the plans, measured with ``graphsched.record``.
 
 ``timeline(model, step_fn)`` gives both for a wrapped model; ``Timelines`` writes a Perfetto/Chrome
-trace (``write_trace``), a Gantt chart PNG (``write_png``), a text summary (``summary``) and its own
-JSON (``save``); ``load_timelines`` reads any of plan, timeline or trace JSON back.
+trace (``write_trace``), a Gantt chart PNG (``write_png``), a text summary (``summary``), the error
+report of predicted against measured per graph and task class (``errors``, ``error_report``) and its
+own JSON (``save``); ``load_timelines`` reads any of plan, timeline or trace JSON back, and
+combines several files (plans plus a measured timeline) into one Timelines.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from graphsched.timelines.model import (
     simulate_plan,
     step_graph_order,
 )
+from graphsched.timelines.report import TASK_CLASSES, ErrorRow, error_report, error_rows, format_error_rows
 from graphsched.timelines.stats import Gap, RankStats, rank_stats, timeline_stats
 from graphsched.timelines.summary import summarize
 from graphsched.timelines.trace import timelines_from_trace, to_chrome_trace, write_chrome_trace
@@ -34,7 +37,8 @@ def timeline(model: nn.Module, step_fn: Callable[[], Any] | None = None, rank: i
     Run a step before (or pass ``step_fn``) so that graphs are captured; time a warmed-up step:
     ``graphsched.timeline(model, lambda: model(x).sum().backward())``. Plans without predicted
     times (``identity``) are simulated from the cost numbers of the captured graphs. Each rank
-    gets its own rank's timelines; gather them and ``Timeline.merge`` for all ranks.
+    gets its own rank's timelines; gather them and ``Timeline.merge`` for all ranks. With both,
+    ``summary()`` (and ``error_report()``) compares them per graph and task class.
     """
     from graphsched import api  # api orchestrates; importing it lazily keeps this package below it
 
@@ -43,7 +47,7 @@ def timeline(model: nn.Module, step_fn: Callable[[], Any] | None = None, rank: i
         with api.record(model, rank=rank) as rec:
             step_fn()
         rank = rec.rank
-        measured = Timeline.from_timings(rec.timings, rank)
+        measured = Timeline.from_timings(rec.timings, rank, plans=rec.plans)
     elif rank is None:
         import torch.distributed as dist
 
@@ -78,13 +82,18 @@ def timeline(model: nn.Module, step_fn: Callable[[], Any] | None = None, rank: i
 
 
 __all__ = [
+    "ErrorRow",
     "Gap",
     "Interval",
     "MEASURED",
     "PREDICTED",
     "RankStats",
+    "TASK_CLASSES",
     "Timeline",
     "Timelines",
+    "error_report",
+    "error_rows",
+    "format_error_rows",
     "load_timelines",
     "match_collectives",
     "rank_stats",

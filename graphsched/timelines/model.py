@@ -20,12 +20,15 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from graphsched.errors import ConfigError, GraphschedError
 from graphsched.plan import COMM_STREAM, COMPUTE_STREAM, Plan, TaskKind
 from graphsched.schedule.problem import COMM, COMPUTE, SchedTask, ScheduleProblem
 from graphsched.schedule.simulate import simulate
+
+if TYPE_CHECKING:
+    from graphsched.timelines.report import ErrorRow
 
 PREDICTED = "predicted"
 MEASURED = "measured"
@@ -125,12 +128,16 @@ class Timeline:
         return cls(PREDICTED, {rank: per_graph}, {g: dict(plans[g].options) for g in order})
 
     @classmethod
-    def from_timings(cls, timings: Iterable[Any], rank: int = 0) -> "Timeline":
+    def from_timings(
+        cls, timings: Iterable[Any], rank: int = 0, *, plans: Mapping[str, Plan] | None = None
+    ) -> "Timeline":
         """The measured timeline from ``StepRecorder.timings`` (TaskTiming objects or their dicts).
 
-        Times are shifted so that the first recorded task starts at 0. A collective's wait is the
-        wait task of the same graph whose end is closest to the collective's end (the recorder ends
-        both at the same instant).
+        Times are shifted so that the first recorded task starts at 0. Each collective is paired
+        with the wait that its graph's plan names (``plans``: graph name -> Plan, the plans the
+        step ran, e.g. ``StepRecorder.plans``); the timings alone do not say which wait completes
+        which collective. A recorded collective whose graph has no plan, or whose plan pairs it with
+        no wait, is an error naming the fix: nothing is guessed.
         """
         per_graph: dict[str, list[Interval]] = {}
         for t in timings:
@@ -140,15 +147,12 @@ class Timeline:
                 Interval(d["task"], lane, d["kind"], d["phase"], float(d["start_s"]), float(d["end_s"]))
             )
         origin = min((iv.start for ivs in per_graph.values() for iv in ivs), default=0.0)
-        for ivs in per_graph.values():
+        for graph, ivs in per_graph.items():
             for iv in ivs:
                 iv.start -= origin
                 iv.end -= origin
             ivs.sort(key=lambda iv: (iv.start, iv.end))
-            waits = [iv for iv in ivs if iv.kind == WAIT]
-            for iv in ivs:
-                if iv.kind == ISSUE and waits:
-                    iv.wait = min(waits, key=lambda w: abs(w.end - iv.end)).name
+            _pair_measured(graph, ivs, (plans or {}).get(graph), sorted(plans or {}))
         return cls(MEASURED, {rank: per_graph})
 
     @classmethod
@@ -261,6 +265,19 @@ class Timelines:
 
         return summarize(self)
 
+    def errors(self, rank: int | None = None) -> list["ErrorRow"]:
+        """Predicted against measured per graph and task class (``timelines/report.py``'s
+        ErrorRow list); needs both timelines. ``rank`` defaults to the slowest measured rank."""
+        from graphsched.timelines.report import error_rows
+
+        return error_rows(self, rank)
+
+    def error_report(self, rank: int | None = None) -> str:
+        """The text table of :meth:`errors` (also part of :meth:`summary` when both exist)."""
+        from graphsched.timelines.report import error_report
+
+        return error_report(self, rank)
+
     def write_trace(self, path: str | Path) -> Path:
         from graphsched.timelines.trace import write_chrome_trace
 
@@ -289,6 +306,32 @@ def step_graph_order(graphs: Iterable[str]) -> list[str]:
     other = [n for n in names if not parsed[n]]
     training = fwd + bwd + other
     return training if training else inf
+
+
+def _pair_measured(graph: str, ivs: list[Interval], plan: Plan | None, known: list[str]) -> None:
+    """Set ``wait`` on every recorded collective of ``graph`` from the wait its plan names."""
+    issues = [iv for iv in ivs if iv.kind == ISSUE]
+    if not issues:
+        return
+    if plan is None:
+        raise GraphschedError(
+            f"the measured timings of graph {graph!r} hold collectives ({issues[0].name!r}, ...) "
+            f"but no plan of that graph was given (plans given: {known or 'none'}), so which wait "
+            "completes each collective is unknown; pass plans= the plans the step ran: "
+            "Timeline.from_timings(rec.timings, rec.rank, plans=rec.plans) after "
+            "graphsched.record, or graphsched.captured_plans(model)."
+        )
+    wait_of = {plan.tasks[issue].name: plan.tasks[wait].name for wait, issue in plan.collective_pairs().items()}
+    for iv in issues:
+        wait = wait_of.get(iv.name)
+        if wait is None:
+            raise GraphschedError(
+                f"the measured collective {iv.name!r} of graph {graph!r} is paired with no wait in "
+                f"the plan given for that graph (its collectives: {sorted(wait_of) or 'none'}); the "
+                "timings were recorded under other plans: pass the plans the step ran "
+                "(StepRecorder.plans, or graphsched.captured_plans(model) right after the step)."
+            )
+        iv.wait = wait
 
 
 def match_collectives(plan: Plan) -> dict[int, int]:

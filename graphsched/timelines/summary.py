@@ -1,10 +1,12 @@
-"""A text summary of timelines: step time, communication total and exposed, overlap, compute gaps."""
+"""A text summary of timelines: step time, communication total and exposed, overlap, compute gaps,
+and, with both a predicted and a measured timeline, the error report (``report.py``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from graphsched.timelines.model import Timelines, TimelinesLike
+from graphsched.timelines.report import error_report
 from graphsched.timelines.stats import RankStats, timeline_stats
 
 
@@ -70,6 +72,8 @@ def summarize(timelines: TimelinesLike, max_gaps: int = 5) -> str:
             lines.append(
                 f"    {_ms(gap.duration):>9}  {gap.graph} at {_ms(gap.start)}: {where}{waiting}"
             )
+    if tls.predicted is not None and tls.measured is not None and tls.measured.ranks and tls.predicted.ranks:
+        lines.append("\n" + error_report(tls))
     for tl in tls:
         if tl.options:
             lines.append(f"\nplans ({tl.source}):")
