@@ -305,3 +305,24 @@ def test_backward_labels_weight_and_input_gradients_with_one_gradient_reach(monk
     assert times["graph.dW"] == times["graph.all_to_all_single"] == (1.0, 2.0)
     assert solved.predicted_time == pytest.approx(2.0)
     assert solved.tasks[-1].collective == "graph.all_to_all_single"
+
+
+def _kernel_of(*names: str) -> object:
+    """A stand-in for an inductor scheduler node lowered from the FX nodes ``names``."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(node=SimpleNamespace(origins=[SimpleNamespace(name=n) for n in names]))
+
+
+def test_the_fusion_guard_cuts_the_plan_at_every_wait_of_a_sliced_output():
+    from graphsched.codegen.fusion import PlanSegments
+
+    gm = sliced_wait_graph()
+    plan = simple_plan(analyse_graph(gm, "g0.forward", GraphKind.FORWARD, _cost), gm, "identity")
+    guard = PlanSegments(plan)
+    # Work before the issue, between issue and first wait, and after the second wait: three
+    # sides of cuts, so no fusion may join them.
+    assert not guard.allows(_kernel_of("mm"), _kernel_of("add"))
+    assert not guard.allows(_kernel_of("slice_1"), _kernel_of("add"))
+    assert guard.allows(_kernel_of("add"), _kernel_of("add"))
+    assert guard.refused == 2

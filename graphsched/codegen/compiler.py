@@ -123,7 +123,7 @@ def compile_plan(
             "passes graphsched's order runs in"
         )
     order = InductorPlanOrder(plan, analysis)
-    guard = PlanSegments(plan, analysis) if fusion_within_segments else None
+    guard = PlanSegments(plan) if fusion_within_segments else None
     compiled = compile_graph(gm, example_inputs, kind, order, guard)
     if guard is not None:
         order.report["fusions_refused"] = guard.refused

@@ -6,9 +6,8 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Any
 
-from graphsched.analysis.graph import GraphAnalysis
 from graphsched.codegen.snodes import origin_names
-from graphsched.plan import Plan
+from graphsched.plan import Plan, TaskKind
 
 
 @dataclass
@@ -23,18 +22,16 @@ class PlanSegments:
     """
 
     plan: Plan
-    analysis: GraphAnalysis | None = None
     refused: int = 0
     _segment_of: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         position = {name: i for i, t in enumerate(self.plan.tasks) for name in t.nodes}
-        bounds: set[int] = set()
-        for c in self.analysis.collectives if self.analysis is not None else ():
-            for name in (c.issue, c.wait):
-                if name is not None and name in position:
-                    bounds.add(position[name])
-        cuts = sorted(bounds)
+        # Every issue and wait task of the plan, the waits of a sliced (chunked) output included.
+        cuts = [
+            i for i, t in enumerate(self.plan.tasks)
+            if t.kind in (TaskKind.COLLECTIVE_ISSUE, TaskKind.COLLECTIVE_WAIT)
+        ]
         self._segment_of = {name: bisect.bisect_right(cuts, p) for name, p in position.items()}
 
     def segments(self, snode: Any) -> set[int]:

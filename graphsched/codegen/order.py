@@ -128,15 +128,13 @@ class InductorPlanOrder:
                 tasks_of[i] = own
 
     def _windows(self) -> list[tuple[int, int]]:
-        """(issue task, wait task) positions of every collective of the plan that has a wait."""
-        task_of = {name: i for i, t in enumerate(self.plan.tasks) for name in t.nodes}
-        if self.analysis is None:
-            return []
-        return [
-            (task_of[c.issue], task_of[c.wait])
-            for c in self.analysis.collectives
-            if c.wait is not None and c.issue in task_of and c.wait in task_of
-        ]
+        """(issue task, first wait task) positions of every collective of the plan that has a
+        wait, from the plan's own pairs: a chunked graph slices a collective's output before
+        each slice's wait, and the first of those waits is where the compute stream blocks."""
+        first_wait: dict[int, int] = {}
+        for wait, issue in self.plan.collective_pairs().items():
+            first_wait[issue] = min(wait, first_wait.get(issue, wait))
+        return sorted(first_wait.items())
 
     def _prefer_windows(self, wanted: list[float], tasks_of: list[list[int]], deps: list[set[int]]) -> None:
         """A kernel that fused a weight-gradient task planned inside a window with later tasks
