@@ -77,10 +77,10 @@ class NodeInfo:
     phase: Phase | None = None
     #: Estimated seconds (compute nodes and collective issues; 0 for everything else).
     cost: float = 0.0
-    #: Where ``cost`` came from (measured in the step, measured alone, estimated).
-    cost_source: CostSource = CostSource.ESTIMATED
     #: A weight-gradient node: the output position of the one parameter gradient it feeds.
     grad_target: int | None = None
+    #: Where ``cost`` came from (measured in the step, measured alone, estimated).
+    cost_source: CostSource = CostSource.ESTIMATED
 
 
 #: The DAG node attribute that holds a node's NodeInfo.
