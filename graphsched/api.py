@@ -25,6 +25,7 @@ from graphsched.config import GraphschedConfig
 from graphsched.errors import ConfigError, GraphschedError, GraphschedFallbackWarning, graphsched_cause
 from graphsched.microbatch import AUTO_CANDIDATES, MicroBatchChoice, micro_batched
 from graphsched.plan import ModelPlan, Plan
+from graphsched.replan import ProfileGuidance, describe_costs
 from graphsched.runtime.recorder import StepRecorder
 from graphsched.runtime.groups import GroupFingerprint, check_same_groups, fingerprint, group_slots
 
@@ -142,10 +143,12 @@ def wrap(
     cost = cost_fn or make_cost_fn(config.cost_model, device, comm, config.cache_dir,
                                    fused=resolve_codegen(config.codegen, device) == "inductor")
     chunking = make_graph_transform(config, comm)
+    guidance = _profile_guidance(config, device)
 
     def compile_call(count: int, log: CaptureLog) -> Callable[..., Any]:
         backend = GraphschedBackend(config, planner or make_planner(config), cost, log,
-                                    graph_rewrite=None if chunking is None else chunking.rewrite)
+                                    graph_rewrite=None if chunking is None else chunking.rewrite,
+                                    guidance=guidance)
         # With micro-batches the split and the join are inside the compiled call: one graph holds
         # every micro-batch, so the plan can overlap one's compute with another's collectives.
         # dynamic=False: a new input shape recompiles into new static-shape graphs, which the
@@ -165,6 +168,17 @@ def wrap(
     setattr(model, _STATE_ATTR, state)
     model._compiled_call_impl = _GuardedCall(state)  # the hook nn.Module.compile uses
     return model
+
+
+def _profile_guidance(config: GraphschedConfig, device: torch.device) -> ProfileGuidance | None:
+    """Profile-guided planning for ``config`` on ``device`` (None when ``profile_steps`` is off)."""
+    steps = config.profiled_steps(device.type)
+    if steps <= 0:
+        return None
+    from graphsched.analysis.cost_cache import StepCostCache
+    from graphsched.config import default_cache_dir
+
+    return ProfileGuidance(steps, StepCostCache(config.cache_dir or default_cache_dir()), device)
 
 
 def _micro_batch_choice(state: GraphschedState, calls: dict[int, Callable[..., Any]],
@@ -304,6 +318,8 @@ def explain(model: nn.Module, file: IO[str] | None = sys.stdout) -> str:
         + "".join(_chunk_choice_line(g.name, g.plan.options["chunk_choice"]) for g in graphs
                   if g.plan is not None and "chunk_choice" in g.plan.options)
         + "".join(f"\n  {g.name}: {describe_codegen(g.plan)}" for g in graphs if g.codegen == "inductor" and g.plan)
+        + "".join(f"\n  {g.name}: {describe_costs(g.plan.options['costs'])}" for g in graphs
+                  if g.plan is not None and "costs" in g.plan.options)
         + (f"\n  micro_batches=\"auto\": {state.micro_batch_choice.describe()} micro-batch(es)"
            if state.micro_batch_choice is not None else "")
     )

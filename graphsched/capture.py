@@ -13,6 +13,7 @@ for inductor are partitioned as torch.compile does (``codegen.settings.partition
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
@@ -37,6 +38,7 @@ from graphsched.config import GraphschedConfig
 from graphsched.errors import ConfigError, GraphschedFallbackWarning, PlanMismatchError, UnwaitedCollectiveError
 from graphsched.plan import Plan
 from graphsched.fingerprint import check_same_graph
+from graphsched.replan import ProfileGuidance
 from graphsched.runtime.executor import GraphExecutor
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,12 @@ class CapturedGraph:
     codegen: str = "aten"
     #: codegen="inductor": what the order pass did (kernel order, task -> kernels, windows).
     inductor_report: dict[str, Any] | None = None
+    #: profile_steps > 0: the ProfiledGraph AOTAutograd calls (profiles, then re-plans once).
+    runner: Any = None
+    #: profile_steps > 0: the graph's Replanner (its ``install(plan)`` compiles another plan).
+    replanner: Any = None
+    #: The plan whose steps were profiled, once the graph was re-planned from them.
+    profiled_plan: Plan | None = None
 
 
 @dataclass
@@ -112,12 +120,15 @@ class GraphschedBackend:
         cost_fn: CostFn,
         log_: CaptureLog,
         graph_rewrite: GraphRewrite | None = None,
+        guidance: ProfileGuidance | None = None,
     ) -> None:
         self.config = config
         self.planner = planner
         self.cost_fn = cost_fn
         self.log = log_
         self.graph_rewrite = graph_rewrite
+        #: Profile-guided planning (None: plans come from the cost function alone).
+        self.guidance = guidance
         self._warned = False
         self._warned_inductor = False
         self._inductor_deterministic = False
@@ -237,54 +248,81 @@ class GraphschedBackend:
                 except Exception as exc:  # noqa: BLE001
                     self._warn_inductor(name, exc)
             return _boxed(gm)
+        guided = self.guidance is not None and self.guidance.steps > 0
+        cost_info: dict[str, Any] | None = None
         try:
+            t0 = time.perf_counter()
             with unset_fake_temporarily():
+                if guided:
+                    assert self.guidance is not None
+                    cached = self.guidance.cached_costs(analysis, codegen)
+                    if cached is not None:
+                        cost_info = self.guidance.apply_cached(analysis, cached)
                 plan = self.planner(analysis, gm)
             if decisions:
                 plan.options = {**plan.options, "chunks": decisions}
-            if codegen == "inductor":
-                compiled = self._compile_inductor(name, kind, gm, example_inputs, analysis, plan, positions)
-                if compiled is not None:
-                    return compiled
-            executor = GraphExecutor(
-                gm,
-                plan,
-                device=device,
-                use_comm_stream=self.config.use_comm_stream,
-                free_after_last_use=self.config.free_after_last_use,
-                verify_plan=verify_same_plan,
-            )
+            if cost_info is not None:
+                plan.options["costs"] = {**cost_info, "plan_s": time.perf_counter() - t0}
+            build = partial(self._build, name, kind, gm, example_inputs, analysis, positions, device, codegen)
+            # On CPU inductor's C++ kernels are host functions: they must record themselves to be profiled.
+            graph, runnable = build(plan, kernel_profile=guided and cost_info is None and device.type == "cpu")
         except (ConfigError, PlanMismatchError):
             raise  # the user asked for something impossible: say so, do not silently fall back
         except Exception as exc:  # noqa: BLE001
             return self._fallback(name, kind, gm, analysis, f"planning failed ({type(exc).__name__}: {exc})")
+        self.log.graphs.append(graph)
+        log.info("%s: %d nodes, %d collectives, %d tasks (%s, %s)", name, len(analysis.order),
+                 len(analysis.collectives), len(plan.tasks), plan.options.get("schedule"), graph.codegen)
+        if guided:
+            assert self.guidance is not None
+            return self.guidance.guard(graph, runnable, gm, self.planner, partial(build, kernel_profile=False),
+                                       codegen, profile=cost_info is None)
+        return runnable
+
+    def _build(
+        self, name: str, kind: GraphKind, gm: fx.GraphModule, example_inputs: Sequence[Any],
+        analysis: GraphAnalysis, positions: list[int] | None, device: torch.device, codegen: str,
+        plan: Plan, kernel_profile: bool = False,
+    ) -> tuple[CapturedGraph, Callable[[list[Any]], Any]]:
+        """The graph's log entry for ``plan`` and what runs it: inductor's code, or the aten
+        executor (also where inductor cannot run the plan). ``kernel_profile``: inductor's C++
+        kernels record themselves for the profiler (CPU profile-guided planning)."""
+        if codegen == "inductor":
+            compiled = self._compile_inductor(name, kind, gm, example_inputs, analysis, plan, kernel_profile)
+            if compiled is not None:
+                fn, report = compiled
+                return CapturedGraph(name, kind, gm, analysis, plan, None, positions, None, "inductor", report), fn
+        executor = GraphExecutor(
+            gm,
+            plan,
+            device=device,
+            use_comm_stream=self.config.use_comm_stream,
+            free_after_last_use=self.config.free_after_last_use,
+            verify_plan=verify_same_plan,
+        )
         executor.recorder = self.log.recorder
-        self.log.graphs.append(CapturedGraph(name, kind, gm, analysis, plan, None, positions, executor))
-        log.info("%s: %d nodes, %d collectives, %d tasks (%s)", name, len(analysis.order),
-                 len(analysis.collectives), len(plan.tasks), plan.options.get("schedule"))
-        return executor
+        return CapturedGraph(name, kind, gm, analysis, plan, None, positions, executor), executor
 
     def _compile_inductor(
         self, name: str, kind: GraphKind, gm: fx.GraphModule, example_inputs: Sequence[Any],
-        analysis: GraphAnalysis, plan: Plan, positions: list[int] | None,
-    ) -> Callable[[list[Any]], Any] | None:
-        """The plan as inductor's code; None (after one warning) when inductor cannot do it."""
+        analysis: GraphAnalysis, plan: Plan, kernel_profile: bool = False,
+    ) -> tuple[Callable[[list[Any]], Any], dict[str, Any]] | None:
+        """The plan as inductor's code and the order pass's report; None (after one warning) when
+        inductor cannot do it."""
         try:
             compiled, order = compile_plan(
                 gm, example_inputs, kind, plan, analysis, verify_same_plan, self._inductor_deterministic,
                 fusion_within_segments=self.config.fusion_within_segments,
+                kernel_profile=kernel_profile,
             )
         except Exception as exc:  # noqa: BLE001 - the aten executor runs the same plan
             self._warn_inductor(name, exc)
             return None
-        self.log.graphs.append(
-            CapturedGraph(name, kind, gm, analysis, plan, None, positions, None, "inductor", order.report)
-        )
         info = plan.options["inductor"]
         log.info("%s: inductor, %d kernels, %d dW tasks planned in windows, %d pulled out by fusion",
                  name, info["kernels"], info["weight_grad_tasks_planned_in_windows"],
                  info["weight_grad_tasks_pulled_out_count"])
-        return compiled
+        return compiled, order.report
 
     def _warn_inductor(self, name: str, exc: BaseException) -> None:
         log.info("%s: inductor failed: %s: %s", name, type(exc).__name__, exc)

@@ -38,6 +38,7 @@ name                        torch object                                        
 ``default_group()``         ``torch.distributed.distributed_c10d._get_default_group()`` yes yes
 ``default_store()``         ``torch.distributed.distributed_c10d._get_default_store()`` yes yes
 ``process_group_names()``   ``torch.distributed.distributed_c10d._world.pg_names``  yes   yes
+``profiler_enabled()``      ``torch.autograd.profiler._is_profiler_enabled``        yes   yes
 =========================== ====================================================== ===== =====
 """
 
@@ -109,3 +110,10 @@ def process_group_names() -> Any:
     import torch.distributed as dist
 
     return dist.distributed_c10d._world.pg_names
+
+
+def profiler_enabled() -> bool:
+    """Whether a ``torch.profiler`` session is recording now (another cannot start inside it)."""
+    import torch.autograd.profiler as profiler
+
+    return bool(getattr(profiler, "_is_profiler_enabled", False))

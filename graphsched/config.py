@@ -21,6 +21,8 @@ COST_MODELS = ("auto", "analytic", "measured")
 #: (inductor-generated fused kernels emitted in the plan's order) or ``auto`` (inductor on CUDA
 #: with triton, aten elsewhere).
 CODEGENS = ("auto", "aten", "inductor")
+#: ``profile_steps="auto"``: this many profiled steps on CUDA (docs/costs.md says why).
+AUTO_PROFILE_STEPS = 3
 
 
 def default_cache_dir() -> str:
@@ -72,6 +74,13 @@ class GraphschedConfig:
     #: averaged, batch-first outputs joined (graphsched/microbatch.py). 1 = off; "auto" = compile
     #: k = 1 and k = 2, time the first training steps of each, keep the faster (rank 0 decides).
     micro_batches: int | str = 1
+    #: Profile-guided planning: after each graph's first call, time this many calls of the
+    #: compiled step, attribute every kernel and collective to its task, plan again from those
+    #: costs (recompiling only if the plan changed) and cache them on disk for the next run.
+    #: 0 = off (the default until the GPU measurement of docs/costs.md says it pays); "auto" =
+    #: AUTO_PROFILE_STEPS on CUDA with schedule="ilp", off elsewhere (CPU keeps today's planning:
+    #: fast tests, nothing to gain from host timings). See docs/costs.md.
+    profile_steps: int | str = 0
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -112,6 +121,17 @@ class GraphschedConfig:
                 f"micro_batches={self.micro_batches!r} must be an integer >= 1 (1: off; 2 lets one "
                 "micro-batch compute while the other's all-to-all runs) or \"auto\"."
             )
+        if self.profile_steps != "auto" and not (0 <= self.profile_steps <= 100):
+            raise ConfigError(
+                f"profile_steps={self.profile_steps!r} must be 0 (off), an integer in 1..100 (steps "
+                f"to profile before planning again; {AUTO_PROFILE_STEPS} is enough) or \"auto\"."
+            )
+        if self.plan_file is not None and self.profile_steps not in (0, "auto"):
+            raise ConfigError(
+                f"profile_steps={self.profile_steps!r} plans again from profiled costs, and "
+                f"plan_file={os.fspath(self.plan_file)!r} runs saved plans as they are: pass one of "
+                "them (profile_steps=0 with plan_file)."
+            )
         if self.memory_limit_bytes is not None and (
             not isinstance(self.memory_limit_bytes, int) or isinstance(self.memory_limit_bytes, bool)
             or self.memory_limit_bytes < 0
@@ -134,6 +154,13 @@ class GraphschedConfig:
 
     def replace(self, **changes: Any) -> "GraphschedConfig":
         return dataclasses.replace(self, **changes)
+
+    def profiled_steps(self, device_type: str) -> int:
+        """The steps profile-guided planning profiles on a device of ``device_type`` (0: off)."""
+        if self.profile_steps != "auto":
+            return int(self.profile_steps)
+        wanted = device_type == "cuda" and self.schedule == "ilp" and self.plan_file is None
+        return AUTO_PROFILE_STEPS if wanted else 0
 
 
 _NUMBER = "a number"
@@ -158,6 +185,8 @@ _TYPES: dict[str, tuple[Any, str]] = {
     "codegen": (lambda v: isinstance(v, str), f"one of the strings {', '.join(CODEGENS)}"),
     "fusion_within_segments": (lambda v: isinstance(v, bool), "True or False"),
     "micro_batches": (lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool)),
+                      'an integer or "auto"'),
+    "profile_steps": (lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool)),
                       'an integer or "auto"'),
 }
 

@@ -115,6 +115,7 @@ BAD_TYPES = {
     "codegen": 1,
     "fusion_within_segments": "no",
     "micro_batches": 2.0,
+    "profile_steps": 3.0,
 }
 
 

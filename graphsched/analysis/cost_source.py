@@ -41,6 +41,7 @@ from graphsched.analysis.costmodel import (
 from graphsched.analysis.graph import CostFn
 from graphsched.analysis.graph_collectives import CollectiveKey, collective_key, measure_graph_collectives
 from graphsched.analysis.profiler import NodeProfiler, is_profilable
+from graphsched.analysis.provenance import CostSource
 
 log = logging.getLogger("graphsched.analysis")
 
@@ -111,6 +112,8 @@ class MeasuredCosts:
     _flops: dict[fx.Node, float] = field(default_factory=dict, init=False)
     #: The graphs' own collectives timed so far (agreed across ranks).
     _collectives: dict[CollectiveKey, float] = field(default_factory=dict, init=False)
+    #: What each priced node's number is (read by the analysis through ``cost_source``).
+    _sources: dict[fx.Node, CostSource] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.spec = DeviceSpec.detect(self.device)
@@ -131,6 +134,9 @@ class MeasuredCosts:
             self._collectives.update(measure_graph_collectives(gm, self._collectives))
 
     def __call__(self, node: fx.Node) -> float:
+        # Collectives come from the process group's microbenchmark (or a fit of the link).
+        source = CostSource.MEASURED_ALONE if is_collective_node(node) else CostSource.ESTIMATED
+        self._sources[node] = source
         if is_collective_node(node):
             timed = self._collectives.get(collective_key(node))  # type: ignore[arg-type]
             if timed is not None:
@@ -144,10 +150,16 @@ class MeasuredCosts:
             if self._profiler is None:
                 self._profiler = NodeProfiler(self.device, cache_dir=self.cache_dir)
             try:
-                return self._profiler.measure(node)
+                cost = self._profiler.measure(node)
+                self._sources[node] = CostSource.MEASURED_ALONE
+                return cost
             except Exception as exc:  # noqa: BLE001 - an op that cannot run alone is estimated
                 log.debug("cannot time %s (%s); using the analytic estimate", node.name, exc)
         return analytic_cost(node, self.spec)
+
+    def cost_source(self, node: fx.Node) -> CostSource:
+        """Where the number the last call gave for ``node`` came from."""
+        return self._sources.get(node, CostSource.ESTIMATED)
 
 
     def _library_kernel(self, node: fx.Node) -> bool:

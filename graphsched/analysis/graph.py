@@ -18,6 +18,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from graphsched.analysis.provenance import CostSource, source_summary
 from graphsched.analysis.labels import (
     GraphKind,
     NodeKind,
@@ -78,6 +79,8 @@ class NodeInfo:
     cost: float = 0.0
     #: A weight-gradient node: the output position of the one parameter gradient it feeds.
     grad_target: int | None = None
+    #: Where ``cost`` came from (measured in the step, measured alone, estimated).
+    cost_source: CostSource = CostSource.ESTIMATED
 
 
 #: The DAG node attribute that holds a node's NodeInfo.
@@ -129,6 +132,31 @@ class GraphAnalysis:
             if info.kind in (NodeKind.COMPUTE, NodeKind.COLLECTIVE_ISSUE):
                 costs[n] = float(info.cost)
         return costs
+
+    def cost_sources(self) -> dict[str, CostSource]:
+        """Where each cost of :meth:`node_costs` came from."""
+        return {n: self.node(n).cost_source for n in self.node_costs()}
+
+    def cost_summary(self) -> dict[str, dict[str, float]]:
+        """Count and time share of each cost source over the costed nodes (JSON)."""
+        return source_summary((self.node(n).cost, self.node(n).cost_source) for n in self.node_costs())
+
+    def set_costs(self, costs: dict[str, float], sources: dict[str, CostSource] | None = None) -> None:
+        """Replace node costs (and, where given, their sources); the collectives' sums follow.
+
+        Names the graph does not have are ignored: costs are matched by node name only."""
+        for name, cost in costs.items():
+            if name in self.dag:
+                self.node(name).cost = float(cost)
+        for name, source in (sources or {}).items():
+            if name in self.dag:
+                self.node(name).cost_source = CostSource(source)
+        for c in self.collectives:
+            c.cost = self.node(c.issue).cost
+            c.independent_cost = sum(self.node(n).cost for n in c.independent)
+            c.independent_weight_grad_cost = sum(
+                self.node(n).cost for n in c.independent if self.node(n).phase == Phase.WEIGHT_GRAD
+            )
 
 
 def _meta_signature(node: fx.Node) -> str:
@@ -271,15 +299,19 @@ def analyse_graph(
     reach = gradient_reach(graph, param_grad_positions) if graph_kind == GraphKind.BACKWARD else None
     phases = label_phases(graph, graph_kind, param_grad_positions, reach=reach)
     by_name = {n.name: n for n in graph.nodes}
+    # A cost function may say where each number comes from (MeasuredCosts does); others estimate.
+    source_of = getattr(cost_fn, "cost_source", None)
     info: dict[str, NodeInfo] = {}
     for n in graph.nodes:
         kind = node_kind(n)
         phase = phases.get(n.name)
+        costed = kind in (NodeKind.COMPUTE, NodeKind.COLLECTIVE_ISSUE)
         info[n.name] = dag.nodes[n.name][_INFO] = NodeInfo(
             kind=kind,
             op=op_name(n),
             phase=phase,
-            cost=float(cost_fn(n)) if kind in (NodeKind.COMPUTE, NodeKind.COLLECTIVE_ISSUE) else 0.0,
+            cost=float(cost_fn(n)) if costed else 0.0,
+            cost_source=CostSource(source_of(n)) if costed and callable(source_of) else CostSource.ESTIMATED,
             # Which parameter's gradient a weight-gradient node feeds (per-parameter dW chains are
             # independent of each other, so the scheduler may move each on its own).
             grad_target=(

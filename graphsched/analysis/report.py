@@ -7,6 +7,7 @@ from typing import Sequence
 
 from graphsched.analysis.graph import GraphAnalysis
 from graphsched.analysis.labels import NodeKind, Phase
+from graphsched.analysis.provenance import describe_sources
 
 
 def _ms(seconds: float) -> str:
@@ -38,6 +39,7 @@ def graph_summary(a: GraphAnalysis, max_collectives: int = 12) -> list[str]:
         "  compute by phase: "
         + ", ".join(f"{p.value} {phase_count[p]} nodes ({_ms(phase_cost[p])})" for p in Phase if phase_count[p])
     )
+    lines.append(f"  costs: {describe_sources(a.cost_summary())}")
     comm = sum(c.cost for c in a.collectives)
     lines.append(
         f"  collectives: {len(a.collectives)}, est. {_ms(comm)} of communication"

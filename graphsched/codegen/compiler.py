@@ -32,12 +32,15 @@ def compile_graph(
     kind: GraphKind,
     order_pass: Callable[[list[Any]], list[Any]] | None = None,
     fusion_guard: "PlanSegments | None" = None,
+    kernel_profile: bool = False,
 ) -> Callable[[list[Any]], Any]:
     """Compile one AOTAutograd graph with inductor (what ``torch.compile``'s compilers call).
 
     Returns inductor's boxed callable. ``gm`` is left untouched: inductor's post-grad passes
     rewrite the graph in place, so a copy (same node names) is what inductor gets.
     ``fusion_guard``: fusions that would join work of two plan segments are refused.
+    ``kernel_profile``: C++ kernels record themselves for torch.profiler (profile-guided planning
+    on CPU; the kernels compute the same).
     """
     import contextlib
 
@@ -46,7 +49,7 @@ def compile_graph(
 
     copied = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
     choices = contextlib.nullcontext() if fusion_guard is None else plan_choices(fusion_guard)
-    with ic.patch(inductor_settings(order_pass)), choices:
+    with ic.patch(inductor_settings(order_pass, kernel_profile)), choices:
         return compile_fx_inner(
             copied,
             list(example_inputs),
@@ -106,6 +109,7 @@ def compile_plan(
     verify_plan: Callable[[Plan], None] | None = None,
     deterministic: bool | None = None,
     fusion_within_segments: bool = True,
+    kernel_profile: bool = False,
 ) -> tuple[Callable[[list[Any]], Any], InductorPlanOrder]:
     """Compile ``gm`` with inductor, its kernels emitted in ``plan``'s order.
 
@@ -114,6 +118,7 @@ def compile_plan(
     ``deterministic``: inductor's deterministic flag as the user's thread sees it (inductor's
     config is thread-local and the backward may compile on autograd's thread); None reads it here.
     ``fusion_within_segments``: refuse fusions across a collective's issue or wait (PlanSegments).
+    ``kernel_profile``: see :func:`compile_graph`.
     """
     if deterministic is None:
         deterministic = inductor_deterministic()
@@ -124,7 +129,7 @@ def compile_plan(
         )
     order = InductorPlanOrder(plan, analysis)
     guard = PlanSegments(plan) if fusion_within_segments else None
-    compiled = compile_graph(gm, example_inputs, kind, order, guard)
+    compiled = compile_graph(gm, example_inputs, kind, order, guard, kernel_profile)
     if guard is not None:
         order.report["fusions_refused"] = guard.refused
     if not order.called:

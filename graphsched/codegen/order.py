@@ -161,22 +161,15 @@ class InductorPlanOrder:
                 wanted[i] = float(max(fits))
 
     def _predict(self, snodes: list[Any], order: list[int], deps: list[set[int]]) -> float:
-        """The emitted kernel order simulated on two in-order resources (compute, comm) with each
-        kernel's first cost (sum of its aten nodes' plan costs): the plan's prediction, at the
-        level of what runs."""
-        costs = self.plan.costs or {}
+        """The emitted kernel order simulated with each kernel's first cost (its aten nodes' plan
+        costs): the plan's prediction at the level of what runs (see :func:`predict_kernels`)."""
+        names = [snode_name(sn, i) for i, sn in enumerate(snodes)]
         issues = {c.issue for c in self.analysis.collectives} if self.analysis is not None else set()
-        free = {"compute": 0.0, "comm": 0.0}
-        end: dict[int, float] = {}
-        for i in order:
-            names = origin_names(snodes[i])
-            comm = is_issue_kernel(snodes[i]) and bool(names & issues)
-            resource = "comm" if comm else "compute"
-            cost = sum(costs.get(o, 0.0) for o in names if (o in issues) == comm)
-            start = max([free[resource], *(end[j] for j in deps[i] if j in end)])
-            end[i] = start + cost
-            free[resource] = end[i]
-        return max(end.values(), default=0.0)
+        self.report["kernel_deps"] = {names[i]: sorted(names[j] for j in deps[i]) for i in range(len(snodes))}
+        self.report["comm_kernels"] = sorted(
+            names[i] for i, sn in enumerate(snodes) if is_issue_kernel(sn) and origin_names(sn) & issues
+        )
+        return predict_kernels(self.report, self.plan.costs or {}, issues)
 
     def _describe(
         self, snodes: list[Any], order: list[int], tasks_of: list[list[int]], unresolved: list[str]
@@ -233,6 +226,8 @@ class InductorPlanOrder:
             "inductor_order": names,
             "order_changed": order != list(range(len(snodes))),
             "kernel_buffers": {names[i]: buffer_names(sn) for i, sn in enumerate(snodes)},
+            # The FX nodes each kernel computes: what a profiled kernel's time is split over.
+            "kernel_origins": {names[i]: sorted(origin_names(sn)) for i, sn in enumerate(snodes)},
             "task_kernels": {
                 tasks[t].name: [names[k] for k in sorted(ks, key=position.__getitem__)]
                 for t, ks in sorted(kernels_of_task.items())
@@ -246,6 +241,33 @@ class InductorPlanOrder:
             "kernel_tasks": {names[i]: [tasks[t].name for t in ts] for i, ts in enumerate(tasks_of)},
             "unresolved_dependencies": sorted(set(unresolved)),
         }
+
+
+def predict_kernels(report: dict[str, Any], costs: dict[str, float], issues: set[str]) -> float:
+    """The time of a compiled graph's kernels in their emitted order (``report``: the order pass's,
+    with ``kernel_order``, ``kernel_origins``, ``kernel_deps`` and ``comm_kernels``) on two in-order
+    resources, compute and the link, each kernel costing its FX nodes' ``costs`` (a collective's
+    kernel its issue nodes'; a node inlined into several kernels shared by them, since profiled
+    costs are the sum of its shares). Recomputed with other costs (profiled ones) it predicts the
+    same code anew."""
+    order = report.get("kernel_order", [])
+    origins = {k: set(v) for k, v in report.get("kernel_origins", {}).items()}
+    deps = report.get("kernel_deps", {})
+    comm_kernels = set(report.get("comm_kernels", []))
+    kernels_of: dict[str, int] = {}
+    for names in origins.values():
+        for o in names:
+            kernels_of[o] = kernels_of.get(o, 0) + 1
+    free = {"compute": 0.0, "comm": 0.0}
+    end: dict[str, float] = {}
+    for k in order:
+        comm = k in comm_kernels
+        resource = "comm" if comm else "compute"
+        cost = sum(costs.get(o, 0.0) / kernels_of[o] for o in origins.get(k, ()) if (o in issues) == comm)
+        start = max([free[resource], *(end[j] for j in deps.get(k, ()) if j in end)])
+        end[k] = start + cost
+        free[resource] = end[k]
+    return max(end.values(), default=0.0)
 
 
 def issue_early_wait_late(

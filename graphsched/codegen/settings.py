@@ -68,7 +68,9 @@ def partition_fn_for(codegen: str) -> Callable[..., Any]:
     return default_partition
 
 
-def inductor_settings(order_pass: Callable[[list[Any]], list[Any]] | None) -> dict[str, Any]:
+def inductor_settings(
+    order_pass: Callable[[list[Any]], list[Any]] | None, kernel_profile: bool = False
+) -> dict[str, Any]:
     """The inductor config graphsched compiles under; ``order_pass=None`` keeps inductor's order.
 
     The same settings, with and without the pass, are the oracle: the two compiles differ only in
@@ -76,6 +78,8 @@ def inductor_settings(order_pass: Callable[[list[Any]], list[Any]] | None) -> di
     to run (it also changes two lowerings, so the oracle sets it too); the list holds graphsched's
     pass alone, so inductor's own ``sink_waits`` / ``raise_comms`` never run. The FX-graph cache is
     off: the pass is a per-graph object the cache cannot key on (see docs/inductor.md).
+    ``kernel_profile``: C++ kernels open a profiler range named after themselves, so that a CPU
+    step can be attributed kernel by kernel (profile-guided planning; numerics unchanged).
     """
     from graphsched.compat import inductor_config as ic
 
@@ -86,6 +90,8 @@ def inductor_settings(order_pass: Callable[[list[Any]], list[Any]] | None) -> di
         "fx_graph_remote_cache": False,
     }
     settings = {k: v for k, v in settings.items() if hasattr(ic, k)}
+    if kernel_profile and hasattr(getattr(ic, "cpp", None), "enable_kernel_profile"):
+        settings["cpp.enable_kernel_profile"] = True
     # Inductor's FX-level overlap schedulers would reorder the graph before ours sees it (and
     # from torch 2.14 enable_simple_overlap runs after user passes): off where they exist.
     dist_opts = getattr(ic, "aten_distributed_optimizations", None)

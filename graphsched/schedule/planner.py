@@ -163,6 +163,14 @@ class IlpPlanner:
         )
         return plan
 
+    def remember(self, analysis: GraphAnalysis, plan: Plan) -> None:
+        """Make ``plan`` the saved plan for the analysis' current costs (rank 0 writes): a graph
+        that keeps its profiled plan over a barely faster new one keeps it in the next run too."""
+        if self.plan_file is not None or (world_is_distributed() and dist.get_rank() != 0):
+            return
+        world = dist.get_world_size() if world_is_distributed() else 1
+        _write(self._cache_path(plan_key(analysis, world)), plan.to_json())
+
     def __call__(self, analysis: GraphAnalysis, gm: fx.GraphModule) -> Plan:
         if self.plan_file is not None:
             return self._from_plan_file(analysis)
@@ -178,14 +186,18 @@ class IlpPlanner:
                 log.info("%s: reusing the saved plan %s", analysis.name, path)
             else:
                 text = self._solve(analysis, gm).to_json()
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = f"{path}.tmp{os.getpid()}"
-                with open(tmp, "w") as f:
-                    f.write(text)
-                os.replace(tmp, path)
+                _write(path, text)
         # Rank 0 decides; everyone runs its plan.
         text = broadcast_plan(text)
         return Plan.from_json(text)
+
+
+def _write(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def collective_windows(plan: Plan) -> list[tuple[int, int]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from graphsched.analysis.provenance import describe_sources
 from graphsched.timelines.model import Timelines, TimelinesLike
 from graphsched.timelines.report import error_report
 from graphsched.timelines.stats import RankStats, timeline_stats
@@ -30,6 +31,8 @@ def _plan_lines(options: dict[str, dict[str, Any]]) -> list[str]:
             parts.append(f"{opts.get('method', '?')} ({opts['status']})")
         if "chunks" in opts:
             parts.append(f"chunks per region: {_chunks(opts['chunks'])}")
+        if isinstance(opts.get("costs"), dict) and opts["costs"].get("summary"):
+            parts.append(f"costs: {describe_sources(opts['costs']['summary'])}")
         lines.append(f"  {graph}: " + "; ".join(parts))
     return lines
 
