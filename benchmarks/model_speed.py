@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from benchmarks.presets import get_bench_preset
 from benchmarks.timing import synchronize, time_steps
-from benchmarks.variants import Skip
+from benchmarks.context import Skip
 
 #: The CPU profile's sizes: gpu-smoke's shape ratios (C*E = 2.5 S, S = 2 d_ff, 16 experts over
 #: EP 8, top-2, cf 1.25) scaled down to run on a CPU in seconds, float32.
@@ -68,7 +68,7 @@ def _models(preset, device: torch.device, group, seed: int, which: Sequence[str]
         elif name == "deepspeed":
 
             def build_ds():
-                from benchmarks.variants import deepspeed_model
+                from benchmarks.deepspeed_variants import deepspeed_model
 
                 model, _groups = deepspeed_model(preset, group, seed)
                 return model.to(device)
@@ -144,7 +144,7 @@ def layer_speed(preset, device: torch.device, group, which: Sequence[str], steps
             fwd = layer
         else:
             try:
-                from benchmarks.variants import deepspeed_ready
+                from benchmarks.deepspeed_variants import deepspeed_ready
 
                 deepspeed_ready(device, group)
             except Skip as exc:

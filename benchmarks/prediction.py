@@ -3,7 +3,7 @@
     python -m benchmarks.prediction --preset gpu-smoke --bandwidth 12.5 --codegen inductor --out X.json
     python -m benchmarks.prediction --preset tiny-cpu --codegen aten        # CPU: it runs, no meaning
 
-The model is the benchmark's (``benchmarks/variants.py``: the reference MoE GPT on the emulated
+The model is the benchmark's (``benchmarks/context.py``: the reference MoE GPT on the emulated
 expert-parallel group, the same builders, costs and options as the ``graphsched-ilp`` /
 ``graphsched-inductor`` variants), wrapped with ``profile_steps``. The run:
 
@@ -47,7 +47,8 @@ import torch.distributed as dist
 from benchmarks.presets import PRESETS, get_bench_preset
 from benchmarks.run import apply_overrides, environment
 from benchmarks.timing import synchronize
-from benchmarks.variants import BenchContext, build_reference, graphsched_options
+from benchmarks.context import BenchContext, build_reference
+from benchmarks.variants import graphsched_options
 from graphsched.analysis.device_timer import time_once
 from graphsched.errors import ConfigError
 from graphsched.models import make_batch

@@ -25,7 +25,8 @@ import math
 import os
 from typing import Any, Iterable
 
-from benchmarks.variants import VariantResult, compute_only_of, loss_reference_of
+from benchmarks.context import VariantResult
+from benchmarks.variant_names import compute_only_of, loss_reference_of
 
 SCHEMA = "graphsched-benchmark/1"
 

@@ -36,7 +36,8 @@ from benchmarks.presets import (
     get_bench_preset,
 )
 from benchmarks.report import build_record, check_losses, derived, format_table, write_record
-from benchmarks.variants import BenchContext, VariantResult, run_variant
+from benchmarks.context import BenchContext, VariantResult
+from benchmarks.variants import run_variant
 from graphsched.errors import ConfigError
 from graphsched.models import make_batch
 from graphsched.testing.emulated.backend import init_emulated_process_group, new_emulated_group

@@ -32,247 +32,26 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import importlib.util
 import os
-import time
 import traceback
-import warnings
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
-from benchmarks.presets import BenchPreset
-from benchmarks.timing import Timing, synchronize, time_steps
-from graphsched.models import MoEGPT
-from graphsched.testing.emulated.group import EmulatedProcessGroup
-from graphsched.testing.emulated.link import CollectiveCall
-
-@dataclass
-class BenchContext:
-    """What every variant shares within one run."""
-
-    preset: BenchPreset
-    device: torch.device
-    world: EmulatedProcessGroup
-    #: the world group's twin with infinite bandwidth (same size, same data, no time on the wire)
-    compute_only: EmulatedProcessGroup
-    batch: tuple[torch.Tensor, torch.Tensor]
-    seed: int = 0
-    optimizer: str = "none"
-    #: the collectives of one eager step (filled by the eager variant, replayed by comm-only)
-    step_calls: list[CollectiveCall] | None = None
-    #: where graphsched variants write the predicted and measured timeline of one step
-    timeline_dir: str | None = None
-    profile_dir: str | None = None
-
-
-@dataclass
-class VariantResult:
-    name: str
-    family: str
-    status: str  # "ok", "skipped" or "failed"
-    reason: str = ""
-    timing: Timing | None = None
-    setup_s: float = 0.0
-    #: bytes a real rank would send per step, and bytes the copy engine moved per step
-    wire_bytes_per_step: float = 0.0
-    copied_bytes_per_step: float = 0.0
-    #: copied bytes the emulation stands for (also counted on CPU, where nothing is copied)
-    emulated_bytes_per_step: float = 0.0
-    collectives_per_step: float = 0.0
-    peak_memory_gb: float | None = None
-    final_loss: float | None = None
-    #: the loss of every step run (warm-up steps first), for the check against the reference
-    losses: list[float] = field(default_factory=list)
-    #: the largest deviation from the reference's losses found by report.check_losses
-    loss_error: float | None = None
-    notes: list[str] = field(default_factory=list)
-    #: with --profile-dir: what the streams did in one profiled step (benchmarks.stream_profile)
-    stream_profile: dict[str, Any] | None = None
-
-    @property
-    def median_ms(self) -> float | None:
-        return self.timing.median_ms if self.timing is not None else None
-
-
-class Skip(Exception):
-    """A variant that cannot run here (a missing package or option); the reason is reported."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers
-
-
-def family_of(name: str) -> str:
-    if "graphsched" in name:
-        return "graphsched"
-    if "inductor" in name:
-        return "inductor"
-    if "deepspeed" in name:
-        return "deepspeed"
-    if name == "comm-only":
-        return "comm"
-    return "eager"
-
-
-def model_of(name: str) -> str:
-    """Which model a variant runs: "deepspeed" (DeepSpeed's MoE layers) or "reference"."""
-    return "deepspeed" if "deepspeed" in name else "reference"
-
-
-def compute_only_of(name: str) -> str:
-    """The compute-only variant a variant is compared with: the same model and kernels, no wire."""
-    if name.startswith("compute-only"):
-        return name
-    if model_of(name) == "deepspeed":
-        return "compute-only-deepspeed"
-    if "inductor" in name:
-        k = micro_batches_of(name)
-        return f"compute-only-inductor-mb{k}" if k > 1 else "compute-only-inductor"
-    return "compute-only"
-
-
-def loss_reference_of(name: str) -> str | None:
-    """The variant whose losses ``name``'s must match: eager for the reference model, plain
-    DeepSpeed for DeepSpeed's model (other weights); None for the oracles themselves."""
-    if name in ("eager", "deepspeed", "comm-only") or name.startswith("eager-mb"):
-        return None
-    if model_of(name) == "deepspeed":
-        return "deepspeed"
-    # Micro-batches route per micro-batch (gradient accumulation's semantics): eager run alike.
-    k = micro_batches_of(name)
-    return f"eager-mb{k}" if k > 1 else "eager"
-
-
-def micro_batches_of(name: str) -> int:
-    """The micro-batches a variant splits each step into: ``-mbN`` in its name, else 1."""
-    head, sep, tail = name.rpartition("-mb")
-    return int(tail) if sep and tail.isdigit() else 1
-
-
-def build_reference(ctx: BenchContext, group: dist.ProcessGroup) -> MoEGPT:
-    torch.manual_seed(ctx.seed)
-    if ctx.preset.model_family == "swiglu":
-        from graphsched.models.swiglu_moe import SwiGLUMoEGPT
-
-        return SwiGLUMoEGPT(ctx.preset.model, process_group=group).to(ctx.device)
-    model = MoEGPT(ctx.preset.model, process_group=group)
-    return model.to(ctx.device)
-
-
-def _make_optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer | None:
-    if kind == "none":
-        return None
-    if kind == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=1e-4)
-    if kind == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=1e-4)
-    raise ValueError(f"unknown optimizer {kind!r}; use none, sgd or adamw")
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-
-
-def _wire_totals(groups: list[EmulatedProcessGroup]) -> tuple[int, int, int, int]:
-    wire = sum(g.stats.total_wire_bytes for g in groups)
-    copied = sum(g.stats.copied_bytes for g in groups)
-    calls = sum(n for g in groups for k, n in g.stats.calls.items() if k != "barrier")
-    emulated = sum(g.stats.emulated_bytes for g in groups)
-    return wire, copied, calls, emulated
-
-
-def _per_step(result: VariantResult, before: tuple, after: tuple, steps: int) -> None:
-    result.wire_bytes_per_step = (after[0] - before[0]) / steps
-    result.copied_bytes_per_step = (after[1] - before[1]) / steps
-    result.collectives_per_step = (after[2] - before[2]) / steps
-    result.emulated_bytes_per_step = (after[3] - before[3]) / steps
-
-
-def measure_model(
-    ctx: BenchContext,
-    result: VariantResult,
-    model: nn.Module,
-    groups: list[EmulatedProcessGroup],
-    around: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> nn.Module:
-    """Warm up and time ``model`` on the context's batch; fill ``result``. Returns the model."""
-    idx, targets = ctx.batch
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _make_optimizer(ctx.optimizer, model)
-    losses: list[torch.Tensor] = []  # detached: read once at the end, no sync while timing
-
-    def zero_grads() -> None:
-        for p in params:
-            p.grad = None
-
-    def step() -> None:
-        with around():
-            loss = model(idx, targets)
-            loss.backward()
-            if optimizer is not None:
-                optimizer.step()
-        losses.append(loss.detach())
-
-    if ctx.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(ctx.device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        t0 = time.perf_counter()
-        for _ in range(max(1, ctx.preset.warmup)):
-            zero_grads()
-            step()
-        synchronize(ctx.device)
-        result.setup_s = time.perf_counter() - t0
-    seen = set()
-    for w in caught:
-        text = f"{w.category.__name__}: {w.message}"
-        if "graphsched" in text.lower() and text not in seen:
-            seen.add(text)
-            result.notes.append(text[:400])
-    before = _wire_totals(groups)
-    result.timing = time_steps(step, ctx.device, warmup=0, steps=ctx.preset.steps, before=zero_grads)
-    _per_step(result, before, _wire_totals(groups), ctx.preset.steps)
-    if ctx.profile_dir is not None and ctx.device.type == "cuda":
-        from benchmarks.stream_profile import profile_one_step
-
-        zero_grads()
-        path = os.path.join(ctx.profile_dir, f"{ctx.preset.name}_{result.name}.trace.json")
-        result.stream_profile = profile_one_step(step, path)
-        losses.pop()
-    if ctx.device.type == "cuda":
-        result.peak_memory_gb = torch.cuda.max_memory_allocated(ctx.device) / 2**30
-    if losses:
-        result.losses = [float(v) for v in torch.stack([v.float() for v in losses]).cpu()]
-        result.final_loss = result.losses[-1]
-    result.status = "ok"
-    return model
-
-
-# ---------------------------------------------------------------------------------------------
-# Variants
-
-
-class MicroBatched(nn.Module):
-    """``model`` run on micro-batches of each call (graphsched.microbatch's split and join), so
-    peers and the eager oracle see the step graphsched's ``micro_batches`` option runs."""
-
-    def __init__(self, model: nn.Module, count: int) -> None:
-        super().__init__()
-        self.model = model
-        self.count = count
-
-    def forward(self, *args: Any) -> Any:
-        from graphsched.microbatch import micro_batched
-
-        return micro_batched(self.model, self.count)(*args)
+from benchmarks.comm_replay import record_step_calls, run_comm_only
+from benchmarks.context import (
+    BenchContext,
+    MicroBatched,
+    Skip,
+    VariantResult,
+    build_reference,
+    free_device_memory,
+    measure_model,
+)
+from benchmarks.deepspeed_variants import deepspeed_model, deepspeed_ready
+from benchmarks.variant_names import family_of, micro_batches_of
 
 
 def run_eager(ctx: BenchContext, result: VariantResult, compute_only: bool = False,
@@ -284,18 +63,6 @@ def run_eager(ctx: BenchContext, result: VariantResult, compute_only: bool = Fal
     measure_model(ctx, result, model, [group])
     if not compute_only and ctx.step_calls is None and micro_batches == 1:
         ctx.step_calls = record_step_calls(ctx, model, group)
-
-
-def record_step_calls(
-    ctx: BenchContext, model: nn.Module, group: EmulatedProcessGroup
-) -> list[CollectiveCall]:
-    idx, targets = ctx.batch
-    with group.recording() as calls:
-        model(idx, targets).backward()
-    synchronize(ctx.device)
-    for p in model.parameters():
-        p.grad = None
-    return list(calls)
 
 
 #: inductor's original compute/communication passes (torch/_inductor/comms.py, 2.11-2.13), in order.
@@ -371,62 +138,6 @@ def run_inductor(ctx: BenchContext, result: VariantResult, kind: str, compute_on
         return torch._inductor.config.patch(patches) if patches else contextlib.nullcontext()
 
     measure_model(ctx, result, compiled, [group], around)
-
-
-def deepspeed_ready(device: torch.device, world: dist.ProcessGroup) -> Any:
-    """Import DeepSpeed and initialise its communication on ``world``; Skip if not installed."""
-    if importlib.util.find_spec("deepspeed") is None:
-        raise Skip("deepspeed not installed (pip install deepspeed)")
-    if device.type == "cpu" and not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    try:
-        import deepspeed
-        from deepspeed import comm as ds_comm
-    except ImportError as exc:  # installed but not importable (a missing dependency)
-        raise Skip(f"deepspeed not installed: import failed ({exc})") from None
-
-    if not ds_comm.is_initialized():
-        deepspeed.init_distributed(dist_backend=str(dist.get_backend(world)))
-    _forget_stale_deepspeed_groups()
-    return deepspeed
-
-
-def _forget_stale_deepspeed_groups() -> None:
-    """Drop DeepSpeed's cached expert groups of an earlier, destroyed world (a second run in one
-    process would otherwise hand the new model a dead group)."""
-    from deepspeed.utils import groups as ds_groups
-
-    alive = set(dist.distributed_c10d._world.pg_names)
-    for table in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_DATA_PARALLEL_GROUP"):
-        cache = getattr(ds_groups, table, None)
-        if isinstance(cache, dict):
-            for key in [k for k, g in cache.items() if g not in alive]:
-                del cache[key]
-
-
-def deepspeed_model(
-    preset: BenchPreset, group: EmulatedProcessGroup, seed: int, compute_only: EmulatedProcessGroup | None = None
-) -> tuple[nn.Module, list[EmulatedProcessGroup]]:
-    """The GPT with DeepSpeed's MoE layers over ``group`` (expert groups on ``compute_only`` when
-    given); returns (model on CPU, the emulated groups its all-to-alls use)."""
-    deepspeed_ready(torch.device(preset.device), group)
-    from graphsched.integrations.deepspeed_gpt import build_deepspeed_moe_gpt
-
-    model = build_deepspeed_moe_gpt(preset.model, ep_size=group.size(), seed=seed)
-    groups: list[EmulatedProcessGroup] = []
-    for block in model.blocks:
-        if not block.is_moe:
-            continue
-        moe = block.ffn.moe
-        moe.set_deepspeed_parallelism()
-        layer = moe.deepspeed_moe
-        if compute_only is not None:
-            # The same layer on the twin group that moves no bytes.
-            layer.ep_group = compute_only
-            layer.gate.ep_group = compute_only
-        if isinstance(layer.ep_group, EmulatedProcessGroup) and layer.ep_group not in groups:
-            groups.append(layer.ep_group)
-    return model, groups
 
 
 def run_deepspeed(
@@ -643,80 +354,6 @@ def run_rewrite_on_inductor_classic(ctx: BenchContext, result: VariantResult) ->
     measure_model(ctx, result, compiled, [ctx.world], lambda: torch._inductor.config.patch(patches))
 
 
-def run_comm_only(ctx: BenchContext, result: VariantResult) -> None:
-    if ctx.step_calls is None:
-        model = build_reference(ctx, ctx.world)
-        model(*ctx.batch).backward()  # warm-up: first-call allocations stay out of the record
-        ctx.step_calls = record_step_calls(ctx, model, ctx.world)
-        del model
-        _free(ctx.device)
-    calls = ctx.step_calls
-    if not calls:
-        raise Skip("one eager step issued no collective")
-    ops = replay_ops(calls, ctx.world, ctx.device)
-    result.notes.append(
-        f"{len(calls)} collectives of one eager step, back to back: "
-        + ", ".join(f"{k} x{sum(1 for c in calls if c.kind == k)}" for k in sorted({c.kind for c in calls}))
-    )
-
-    def step() -> None:
-        for op in ops:
-            op()
-
-    t0 = time.perf_counter()
-    for _ in range(max(1, ctx.preset.warmup)):
-        step()
-    synchronize(ctx.device)
-    result.setup_s = time.perf_counter() - t0
-    before = _wire_totals([ctx.world])
-    result.timing = time_steps(step, ctx.device, warmup=0, steps=ctx.preset.steps)
-    _per_step(result, before, _wire_totals([ctx.world]), ctx.preset.steps)
-    result.status = "ok"
-
-
-def _filled(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if dtype.is_floating_point:
-        return torch.randn(shape, device=device).to(dtype)
-    return torch.ones(shape, dtype=dtype, device=device)
-
-
-def replay_ops(
-    calls: list[CollectiveCall], group: EmulatedProcessGroup, device: torch.device
-) -> list[Callable[[], None]]:
-    """One closure per recorded collective, on buffers of the recorded shapes (shared per shape)."""
-    buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-    ops: list[Callable[[], None]] = []
-    n = group.size()
-    for call in calls:
-        key = (call.kind, call.shape, call.dtype)
-        if key not in buffers:
-            inp = _filled(call.shape, call.dtype, device)
-            if call.kind == "all_gather":
-                out = torch.empty((n * inp.numel(),), dtype=inp.dtype, device=device)
-            elif call.kind == "reduce_scatter":
-                out = torch.empty((inp.numel() // n,), dtype=inp.dtype, device=device)
-            else:
-                out = torch.empty_like(inp)
-            buffers[key] = (inp, out)
-        inp, out = buffers[key]
-        # MAX for reductions: the same bytes as SUM, and values that stay finite over repeats.
-        if call.kind == "all_to_all":
-            ops.append(lambda o=out, i=inp: dist.all_to_all_single(o, i, group=group))
-        elif call.kind == "all_reduce":
-            ops.append(lambda i=inp: dist.all_reduce(i, op=dist.ReduceOp.MAX, group=group))
-        elif call.kind == "all_gather":
-            ops.append(lambda o=out, i=inp: dist.all_gather_into_tensor(o, i.reshape(-1), group=group))
-        elif call.kind == "reduce_scatter":
-            ops.append(
-                lambda o=out, i=inp: dist.reduce_scatter_tensor(
-                    o, i.reshape(-1), op=dist.ReduceOp.MAX, group=group
-                )
-            )
-        elif call.kind == "broadcast":
-            ops.append(lambda i=inp: dist.broadcast(i, src=0, group=group))
-    return ops
-
-
 #: variant name -> runner(ctx, result)
 RUNNERS: dict[str, Callable[[BenchContext, VariantResult], None]] = {
     "eager": lambda c, r: run_eager(c, r),
@@ -761,7 +398,7 @@ def run_variant(ctx: BenchContext, name: str) -> VariantResult:
     """Run one variant in isolation: fresh compile caches, memory freed afterwards, errors caught."""
     result = VariantResult(name=name, family=family_of(name), status="failed")
     torch._dynamo.reset()
-    _free(ctx.device)
+    free_device_memory(ctx.device)
     try:
         RUNNERS[name](ctx, result)
     except Skip as exc:
@@ -772,5 +409,5 @@ def run_variant(ctx: BenchContext, name: str) -> VariantResult:
         result.notes.append(traceback.format_exc(limit=8)[-3000:])
     finally:
         torch._dynamo.reset()
-        _free(ctx.device)
+        free_device_memory(ctx.device)
     return result

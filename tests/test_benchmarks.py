@@ -21,7 +21,8 @@ from benchmarks.presets import ALL_VARIANTS, PRESETS, get_bench_preset
 from benchmarks.report import build_record, derived, format_table
 from benchmarks.run import apply_overrides, main, run_benchmark
 from benchmarks.timing import Timing
-from benchmarks.variants import VariantResult, replay_ops
+from benchmarks.comm_replay import replay_ops
+from benchmarks.context import VariantResult
 from graphsched.errors import ConfigError, GraphschedError
 from graphsched.models import MoEGPT, get_preset, make_batch
 from graphsched.testing.emulated.backend import init_emulated_process_group, new_emulated_group
@@ -393,7 +394,7 @@ def test_tiny_cpu_preset_writes_a_complete_record(tmp_path):
 def _result(
     name: str, ms: float | None, status: str = "ok", losses: list[float] | None = None
 ) -> VariantResult:
-    from benchmarks.variants import family_of
+    from benchmarks.variant_names import family_of
 
     return VariantResult(
         name=name, family=family_of(name), status=status,
@@ -634,13 +635,8 @@ def test_model_speed_times_both_dispatch_modes_with_equal_losses(tmp_path):
 
 
 def test_micro_batch_variants_run_graphsched_and_peers_on_the_same_micro_batches():
-    from benchmarks.variants import (
-        RUNNERS,
-        compute_only_of,
-        graphsched_options,
-        loss_reference_of,
-        micro_batches_of,
-    )
+    from benchmarks.variant_names import compute_only_of, loss_reference_of, micro_batches_of
+    from benchmarks.variants import RUNNERS, graphsched_options
 
     assert graphsched_options("inductor-mb2") == {"schedule": "ilp", "codegen": "inductor", "micro_batches": 2}
     assert graphsched_options("inductor-chunks4-mb2")["chunks"] == 4
