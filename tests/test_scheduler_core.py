@@ -469,3 +469,22 @@ def test_solve_returns_the_list_schedule_when_it_meets_the_lower_bound():
 def test_empty_problem_has_an_empty_optimal_schedule():
     result = solve(ScheduleProblem([]))
     assert result.order == [] and result.makespan == 0.0 and result.status == "optimal"
+
+
+def test_an_incumbent_that_is_already_optimal_is_proven_optimal():
+    # Found by the brute-force property test: with the horizon exactly at the incumbent, CBC's
+    # preprocessing called this model infeasible and the optimum went unproven.
+    problem = ScheduleProblem(
+        [
+            SchedTask("s2", COMM, 0.0, ("c0", "s0")),
+            SchedTask("c0", COMPUTE, 4.0),
+            SchedTask("c2", COMPUTE, 0.0, ("c1",)),
+            SchedTask("s3", COMPUTE, 2.0, ("c0", "s2")),
+            SchedTask("s0", COMPUTE, 3.0, ("c0",)),
+            SchedTask("c1", COMM, 9.0, ("c0",)),
+            SchedTask("s1", COMPUTE, 0.0, ("c0",)),
+        ]
+    )
+    result = solve_ilp(problem, time_limit_s=10.0)
+    assert result.makespan == pytest.approx(brute_force_makespan(problem), abs=TOL) == 15.0
+    assert result.status == "optimal"

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_EXACT_PAIRS = 1500
 #: Start times closer than this (in scaled units) count as equal when turning starts into an order.
 _START_TOL = 1e-5
+#: Relative room above the incumbent's makespan in the exact model's horizon.
+_HORIZON_SLACK = 1e-4
 
 
 def _order_from_starts(
@@ -147,7 +149,10 @@ def solve_ilp(
         # Every topological order gives each resource the same sequence: all orders are equal.
         return finish(inc, "optimal", t0)
 
-    ub = inc.makespan
+    # The horizon sits a hair above the incumbent: with the incumbent exactly at it, an optimal
+    # incumbent leaves a feasible set so tight that CBC's preprocessing can call it infeasible
+    # (seen on a 7-task problem), and the optimum goes unproven.
+    ub = inc.makespan * (1 + _HORIZON_SLACK)
     scale = HORIZON / ub
     ids = problem.topological_order()
     dur = {t: problem.task(t).duration * scale for t in ids}
