@@ -25,7 +25,14 @@ from graphsched.config import GraphschedConfig
 from graphsched.errors import ConfigError
 from graphsched.models import Experts, MoELayer
 from graphsched.partition.chunking import make_graph_transform
-from graphsched.partition.pipeline_model import PipelineCosts, RegionPipeline, Stage, choose_chunks, fixed_chunks
+from graphsched.partition.pipeline_model import (
+    PipelineCosts,
+    RegionPipeline,
+    Stage,
+    choose_chunks,
+    fixed_chunks,
+    predict,
+)
 from graphsched.partition.rewrite import chunk_sizes
 from graphsched.partition.split_kinds import map_cut_through_reshape
 from graphsched.partition.split_rules import default_rules
@@ -506,6 +513,20 @@ def test_communication_bound_region_is_chunked_and_predicted_faster():
     serial = sum(sum(stage.values()) for stage in pipeline.costs(choice.sizes).stage)
     assert choice.forward_s < 0.8 * serial
     assert {f"comm1@c{i}" for i in range(choice.k)} <= set(choice.order)
+
+
+def test_contention_beside_transfers_is_part_of_the_chunk_prediction():
+    plain = _synthetic(comm_s=2e-3)
+    contended = _synthetic(comm_s=2e-3)
+    contended.contention = 1.5
+    for k in (1, 4):
+        sizes = chunk_sizes(64, k)
+        slower = predict(contended, sizes, time_limit_s=0.5).total
+        assert slower >= predict(plain, sizes, time_limit_s=0.5).total - 1e-12
+    # Four chunks put the experts beside the transfers: contention costs them time; one chunk
+    # runs no compute beside its transfers and costs nothing more.
+    assert predict(contended, chunk_sizes(64, 4), time_limit_s=0.5).total > predict(plain, chunk_sizes(64, 4), time_limit_s=0.5).total
+    assert predict(contended, [64], time_limit_s=0.5).total == pytest.approx(predict(plain, [64], time_limit_s=0.5).total)
 
 
 def test_negligible_communication_keeps_one_chunk():

@@ -66,6 +66,9 @@ class RegionPipeline:
     costs: Callable[[list[int]], PipelineCosts]
     #: Backward compute seconds per forward compute second (dX and dW: two matmuls per matmul).
     backward_factor: float = 2.0
+    #: How much slower compute runs beside a transfer (``ScheduleProblem.contention``): chunking
+    #: puts more compute beside transfers, so a predicted gain must survive it.
+    contention: float = 1.0
 
 
 @dataclass
@@ -131,7 +134,7 @@ def pipeline_problem(pipeline: RegionPipeline, costs: PipelineCosts, backward: b
     if k > 1:
         ends = tuple(f"{prefix}{t}@c{i}" for i in range(k) for t in tails)
         tasks.append(SchedTask(last, COMPUTE, costs.split if backward else costs.join, ends))
-    return ScheduleProblem(tasks)
+    return ScheduleProblem(tasks, contention=pipeline.contention)
 
 
 def predict(
@@ -344,4 +347,6 @@ def region_pipeline(region: Region, rules: SplitRules, coster: RegionCoster) -> 
                 extra += full
         return PipelineCosts(per_chunk, split, join, extra)
 
-    return RegionPipeline(region.module or region.id, stages, region.extent, costs), stage_of
+    # The factor measured with the collectives (1.0 for analytic costs or a cost model without it).
+    contention = getattr(getattr(coster, "comm_model", None), "contention", 1.0)
+    return RegionPipeline(region.module or region.id, stages, region.extent, costs, contention=contention), stage_of
