@@ -130,8 +130,7 @@ class IlpPlanner:
         values = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
         return resolve_codegen(self.config.codegen, device_of(values)) == "inductor"
 
-    def _solve(self, analysis: GraphAnalysis, gm: fx.GraphModule) -> Plan:
-        follow = self._issues_follow_compute(gm)
+    def _solve(self, analysis: GraphAnalysis, gm: fx.GraphModule, follow: bool) -> Plan:
         coarse = coarsen(analysis, issues_follow_compute=follow)
         problem = coarse.problem
         captured = simulate(problem, problem.topological_order(), method="as_captured")
@@ -176,7 +175,8 @@ class IlpPlanner:
             return self._from_plan_file(analysis)
         agree_on_costs(analysis)
         world = dist.get_world_size() if world_is_distributed() else 1
-        key = plan_key(analysis, world, self._issues_follow_compute(gm))
+        follow = self._issues_follow_compute(gm)
+        key = plan_key(analysis, world, follow)
         path = self._cache_path(key)
         text: str | None = None
         if not world_is_distributed() or dist.get_rank() == 0:
@@ -185,7 +185,7 @@ class IlpPlanner:
                     text = f.read()
                 log.info("%s: reusing the saved plan %s", analysis.name, path)
             else:
-                text = self._solve(analysis, gm).to_json()
+                text = self._solve(analysis, gm, follow).to_json()
                 _write(path, text)
         # Rank 0 decides; everyone runs its plan.
         text = broadcast_plan(text)
