@@ -102,6 +102,10 @@ class BenchPreset:
     variants: tuple[str, ...] = ALL_VARIANTS
     #: graphsched's ILP time limit per graph, seconds (GraphschedConfig.solver_time_limit_s)
     solver_time_limit_s: float = 20.0
+    #: graphsched's profile-guided planning for every graphsched variant
+    #: (GraphschedConfig.profile_steps: 0 off, N profiled steps, "auto"); the profiled steps and the
+    #: re-planning step run before the timed warm-up
+    profile_steps: int | str = 0
     notes: tuple[str, ...] = field(default_factory=tuple)
     #: the graphsched-side model: "reference" (MoEGPT) or "swiglu" (SwiGLUMoEGPT: RMSNorm, SwiGLU
     #: experts, a shared expert), the second model every scheduling choice is tried on

@@ -157,6 +157,8 @@ def run_deepspeed(
 
         options = graphsched_options(graphsched_kind)
         options["solver_time_limit_s"] = ctx.preset.solver_time_limit_s
+        if ctx.preset.profile_steps:
+            options["profile_steps"] = ctx.preset.profile_steps
         result.notes.append(
             f"deepspeed {deepspeed.__version__}: MoE(ep_size={ctx.world.size()}), graphsched "
             + ", ".join(f"{k}={v}" for k, v in options.items())
@@ -300,6 +302,8 @@ def run_graphsched(ctx: BenchContext, result: VariantResult, kind: str) -> None:
 
     options = graphsched_options(kind)
     options["solver_time_limit_s"] = ctx.preset.solver_time_limit_s
+    if ctx.preset.profile_steps:
+        options["profile_steps"] = ctx.preset.profile_steps
     result.notes.append("graphsched options: " + ", ".join(f"{k}={v}" for k, v in options.items()))
     model = build_reference(ctx, ctx.world)
     # graphsched costs the model itself: on CUDA it times the emulated link's collectives.
