@@ -30,3 +30,16 @@ def test_compute_after_a_wait_starts_when_the_transfer_ends():
     report = _report(["a2a", "mm", "expert"], {"a2a": [], "mm": [], "expert": ["a2a"]})
     costs = {"a2a": 3.0, "mm": 1.0, "expert": 2.0}
     assert predict_kernels(report, costs, {"a2a"}) == 5.0
+
+
+def test_a_transfer_keeps_its_whole_cost_when_its_issue_node_also_names_the_input_copy():
+    # Inductor lists the all-to-all node among the origins of the kernel that copies its input as
+    # well as of the collective kernel; only the collective kernel carries the transfer.
+    report = {
+        "kernel_order": ["copy", "a2a", "expert"],
+        "kernel_origins": {"copy": ["slice", "all_to_all"], "a2a": ["all_to_all"], "expert": ["mm"]},
+        "kernel_deps": {"copy": [], "a2a": ["copy"], "expert": ["a2a"]},
+        "comm_kernels": ["a2a"],
+    }
+    costs = {"slice": 0.5, "all_to_all": 3.0, "mm": 2.0}
+    assert predict_kernels(report, costs, {"all_to_all"}) == 5.5
