@@ -156,7 +156,7 @@ def _score(predicted: dict[str, float], measured: dict[str, Any]) -> dict[str, A
 def run_prediction(
     preset_name: str, codegen: str, *, bandwidth: float | None = None, profile_steps: int = 3,
     steps: int | None = None, other: str = "identity", cache_dir: str | None = None,
-    sets: Sequence[str] = (), seed: int = 0, log: Callable[[str], None] = print,
+    sets: Sequence[str] = (), micro_batches: int = 1, seed: int = 0, log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     import graphsched
     from graphsched.schedule.plans import simple_plan
@@ -170,6 +170,8 @@ def run_prediction(
         raise ConfigError(f"--other {other!r}: use identity or first.")
     if profile_steps < 1:
         raise ConfigError("--profile-steps must be >= 1 (the run measures profile-guided planning).")
+    if micro_batches < 1:
+        raise ConfigError("--micro-batches must be >= 1 (1: the whole batch).")
     if preset.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"preset {preset.name!r} needs a CUDA device; use --preset tiny-cpu here.")
     if dist.is_initialized():
@@ -184,6 +186,8 @@ def run_prediction(
         options = graphsched_options("inductor" if codegen == "inductor" else "ilp")
         options.update(solver_time_limit_s=preset.solver_time_limit_s, profile_steps=profile_steps,
                        cache_dir=cache_dir)
+        if micro_batches > 1:
+            options["micro_batches"] = micro_batches
         model = build_reference(ctx, world)
         graphsched.wrap(model, **options)  # graphsched costs the emulated link itself
         idx, targets = ctx.batch
@@ -193,7 +197,7 @@ def run_prediction(
             model(idx, targets).backward()
 
         log(f"prediction: {preset.name}, codegen {codegen}, {preset.bandwidth_gbps:g} GB/s, "
-            f"profile_steps {profile_steps}, cache {cache_dir}")
+            f"micro_batches {micro_batches}, profile_steps {profile_steps}, cache {cache_dir}")
         first: list[float] = []
         for _ in range(profile_steps + 2):  # compile, profiled steps, the re-planning step
             synchronize(device)
@@ -254,7 +258,7 @@ def run_prediction(
                   [*(v["error"] for v in r["graphs"].values()), r["step"]["error"]] if e is not None]
         record = {
             "preset": preset.to_dict(), "codegen": codegen, "bandwidth_gbps": preset.bandwidth_gbps,
-            "profile_steps": profile_steps, "measured_steps": measured_steps, "cache_dir": cache_dir,
+            "micro_batches": micro_batches, "profile_steps": profile_steps, "measured_steps": measured_steps, "cache_dir": cache_dir,
             "environment": environment(device),
             "first_steps_s": first,
             "overhead": {"extra_s": extra, "first_step_s": first[0],
@@ -317,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="measured steps per plan (default: the preset's)")
     p.add_argument("--other", default="identity", choices=("identity", "first"),
                    help="the second plan scored: the captured order, or the plan that was profiled")
+    p.add_argument("--micro-batches", type=int, default=1, help="graphsched's micro_batches (default 1)")
     p.add_argument("--cache-dir", default=None, help="graphsched cache (run twice with one to see a cached run)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default=None, help="write the JSON record here")
@@ -324,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         record = run_prediction(args.preset, args.codegen, bandwidth=args.bandwidth,
                                 profile_steps=args.profile_steps, steps=args.steps, other=args.other,
-                                cache_dir=args.cache_dir, sets=args.set)
+                                cache_dir=args.cache_dir, sets=args.set, micro_batches=args.micro_batches)
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
     if args.out:

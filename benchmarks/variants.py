@@ -292,6 +292,11 @@ def _note_plans(result: VariantResult, model: nn.Module) -> None:
             result.notes.append(f"{g.name}: scheduled, {len(g.plan.tasks)} tasks")
             if "chunks" in g.plan.options:
                 result.notes.append(f"{g.name}: chunks {g.plan.options['chunks']}")
+            costs = g.plan.options.get("costs")
+            if isinstance(costs, dict) and costs.get("from"):
+                # profile_steps: whether the profiled costs changed the plan (or were read from the cache).
+                result.notes.append(f"{g.name}: costs from {costs['from']}, plan changed {costs.get('plan_changed')}"
+                                    + (f" ({costs['kept_profiled_plan']})" if costs.get("kept_profiled_plan") else ""))
             if "chunk_choice" in g.plan.options:
                 # chunks="auto": which graph the first steps' timing kept, and what it measured.
                 result.notes.append(f"{g.name}: chunk choice {g.plan.options['chunk_choice']}")
