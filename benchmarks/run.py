@@ -72,6 +72,19 @@ def _git_commit() -> str | None:
         return None
 
 
+def _git_dirty() -> bool | None:
+    """Whether tracked files differ from the commit ``_git_commit`` names (then that commit does not
+    say what ran: the record's ``code_note`` must)."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=os.path.dirname(RESULTS_DIR),
+            capture_output=True, text=True, timeout=10, check=False,
+        )
+        return bool(out.stdout.strip()) if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "device": {"type": device.type, "name": platform.processor() or platform.machine()},
@@ -84,6 +97,7 @@ def environment(device: torch.device) -> dict[str, Any]:
             "graphsched": _version("graphsched") or _graphsched_source_version(),
         },
         "git_commit": _git_commit(),
+        "git_dirty": _git_dirty(),
         "cpu_threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
