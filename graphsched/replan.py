@@ -221,7 +221,9 @@ class Replanner:
         graph.profiled_plan = old
         analysis.set_costs(step.costs, step.sources())
         t0 = time.perf_counter()
-        plan = self.planner(analysis, self.gm)
+        replanning = getattr(self.planner, "for_replanning", None)
+        planner = replanning() if callable(replanning) else self.planner
+        plan = planner(analysis, self.gm)
         plan_s = time.perf_counter() - t0
         plan.options = {**{k: old.options[k] for k in _GRAPH_OPTIONS if k in old.options}, **plan.options}
         if is_rank0() and self.guidance.cache is not None:

@@ -176,3 +176,13 @@ def test_profile_steps_option():
             GraphschedConfig(profile_steps=bad)
     with pytest.raises(ConfigError, match="plan_file"):
         GraphschedConfig(schedule="ilp", plan_file="p.json", profile_steps=3)
+
+
+def test_a_re_plan_searches_for_at_most_the_re_plan_limit():
+    from graphsched.schedule.planner import REPLAN_SOLVE_LIMIT_S, IlpPlanner
+
+    long = IlpPlanner(GraphschedConfig(schedule="ilp", solver_time_limit_s=30.0))
+    assert long.for_replanning().config.solver_time_limit_s == REPLAN_SOLVE_LIMIT_S
+    assert long.config.solver_time_limit_s == 30.0  # the first plan keeps its whole limit
+    short = IlpPlanner(GraphschedConfig(schedule="ilp", solver_time_limit_s=0.5))
+    assert short.for_replanning().config.solver_time_limit_s == 0.5
