@@ -81,6 +81,10 @@ def test_the_prediction_script_runs_on_cpu(tmp_path):
     for key in ("replanned", "other"):
         for v in record[key]["graphs"].values():
             assert v["predicted_s"] > 0 and v["measured_s"] > 0 and v["error"] is not None
+        step = record[key]["step"]
+        # The step adds what an unscored step spent outside the graphs to the graphs' prediction.
+        assert step["outside_graphs_s"] >= 0
+        assert step["predicted_s"] == step["graphs_predicted_s"] + step["outside_graphs_s"]
     assert record["other"]["plans"] == {"g0.forward": "identity", "g0.backward": "identity"}
     assert len(record["first_steps_s"]) == 4 and record["overhead"]["first_step_s"] > 0
     # A second run with the cache warm: costs from the cache, nothing profiled, planned fast.

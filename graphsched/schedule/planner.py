@@ -9,11 +9,11 @@ hash again before the first step.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
-import dataclasses
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -38,9 +38,10 @@ log = logging.getLogger(__name__)
 
 #: The solver's time for a re-plan from profiled costs (``for_replanning``). The first plan has
 #: the whole ``solver_time_limit_s``; a re-plan runs inside a training step and only corrects
-#: costs (measured on an H200: a micro-batched forward spent its 14.6 s limit to return the plan it
-#: had, 22% of the first step, against the 10% profile-guided planning may add).
+#: costs (measured on an H200: a micro-batched forward searched 14.6 s of its 15 s limit to return
+#: the plan it had, 22% of the first step, against the 10% profile-guided planning may add).
 REPLAN_SOLVE_LIMIT_S = 2.0
+
 
 def agree_on_costs(analysis: GraphAnalysis) -> None:
     """Replace each node's cost by the maximum over ranks, so every rank plans from equal numbers."""

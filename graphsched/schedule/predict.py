@@ -2,8 +2,9 @@
 
 A plan's tasks on the two in-order resources (collectives on ``comm``, everything else on
 ``compute``), each task waiting for the tasks its nodes read from (the analysis' dependency DAG),
-in the plan's order: the timing the planner gives its own plans, for any plan, e.g. a plan made
-from other costs scored with the profiled ones.
+in the plan's order, under the planner's contention factor and, where the plan says so,
+``issues_follow_compute``: the timing the planner gives its own plans, for any plan, e.g. a plan
+made from other costs scored with the profiled ones.
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ def plan_problem(plan: Plan, analysis: GraphAnalysis) -> ScheduleProblem:
         resource = COMM if t.kind == TaskKind.COLLECTIVE_ISSUE else COMPUTE
         duration = sum(float(analysis.node(n).cost) for n in t.nodes if n in analysis.dag)
         tasks.append(SchedTask(str(i), resource, duration, tuple(str(d) for d in sorted(deps))))
-    return ScheduleProblem(tasks)
+    # The planner's own model: compute slowed beside a transfer, and, for a plan made for
+    # inductor's code, collectives behind the compute listed before them. Without them a plan
+    # re-predicted here was scored by another model than the new plan it is compared with.
+    return ScheduleProblem(tasks, issues_follow_compute=bool(plan.options.get("issues_follow_compute")),
+                           contention=analysis.contention)
 
 
 def predict_plan(plan: Plan, analysis: GraphAnalysis) -> Schedule:
