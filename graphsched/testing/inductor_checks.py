@@ -11,12 +11,12 @@ import re
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 import graphsched
 from graphsched.analysis.labels import GraphKind
 from graphsched.codegen.compiler import inductor_oracle_backend
 from graphsched.plan import Phase
+from graphsched.testing.twins import compare_step, parameters_equal, twin_models
 
 
 def _generated_code(fn: Any) -> tuple[Any, list[str]]:
@@ -79,21 +79,14 @@ def dw_kernels_in_code_windows(code: str, report: dict[str, Any], plan: Any) -> 
     return {"windows": len(windows), "dw_kernels_located": located, "dw_kernels_inside": inside}
 
 
-def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def inductor_parity_checks(rank: int, world_size: int, cache_dir: str, steps: int = 3) -> dict[str, Any]:
     """graphsched codegen="inductor" (ILP plan, slow-link costs so that dW work moves) against the
     inductor oracle (same AOTAutograd partitioner and inductor settings, inductor's own order)."""
-    from graphsched.models import MoEGPT, get_preset, make_batch
+    from graphsched.models import get_preset, make_batch
     from graphsched.testing.scheduling import CommHeavyCosts
 
     config = get_preset("tiny").replace(n_layers=1, top_k=2, capacity_factor=0.75)
-    torch.manual_seed(0)
-    oracle = MoEGPT(config, process_group=dist.group.WORLD)
-    torch.manual_seed(0)
-    model = MoEGPT(config, process_group=dist.group.WORLD)
+    oracle, model = twin_models(config)
     oracle_step = torch.compile(oracle, backend=inductor_oracle_backend(), fullgraph=True, dynamic=False)
     graphsched.wrap(
         model, schedule="ilp", codegen="inductor", cost_model="analytic", cache_dir=cache_dir,
@@ -123,19 +116,10 @@ def inductor_parity_checks(rank: int, world_size: int, cache_dir: str, steps: in
             loss_m, code_m = _generated_code(run_model)
         else:
             loss_o, loss_m = run_oracle(), run_model()
-        go, gm = _grads(oracle), _grads(model)
-        out["steps"].append({
-            "losses": (loss_o.item(), loss_m.item()),
-            "losses_equal": bool(torch.equal(loss_o.detach(), loss_m.detach())),
-            "grads_same_names": sorted(go) == sorted(gm),
-            "grads_bitwise_equal": all(torch.equal(go[n], gm[n]) for n in go),
-            "max_grad_diff": max(((go[n] - gm[n]).abs().max().item() for n in go), default=0.0),
-        })
+        out["steps"].append(compare_step(loss_o, loss_m, oracle, model))
         opt_o.step()
         opt_m.step()
-    out["params_bitwise_equal_after"] = all(
-        torch.equal(a, b) for a, b in zip(oracle.parameters(), model.parameters())
-    )
+    out["params_bitwise_equal_after"] = parameters_equal(oracle, model)
     graphs = graphsched.api.state_of(model).capture.graphs
     out["codegen"] = {g.name: g.codegen for g in graphs}
     backward = next(g for g in graphs if g.kind == GraphKind.BACKWARD)
@@ -164,13 +148,11 @@ def fallback_checks(rank: int, world_size: int) -> dict[str, Any]:
     import warnings
 
     from graphsched.errors import GraphschedFallbackWarning
-    from graphsched.models import MoEGPT, get_preset, make_batch
+    from graphsched.models import get_preset, make_batch
 
     config = get_preset("tiny").replace(n_layers=1)
-    torch.manual_seed(0)
-    eager = MoEGPT(config, process_group=dist.group.WORLD)
-    torch.manual_seed(0)
-    model = graphsched.wrap(MoEGPT(config, process_group=dist.group.WORLD), codegen="inductor")
+    eager, model = twin_models(config)
+    graphsched.wrap(model, codegen="inductor")
     idx, tgt = make_batch(config, 2, seed=rank)
     # Set, not patched: patches are thread-local and the backward may compile on autograd's thread.
     from graphsched.compat import inductor_config

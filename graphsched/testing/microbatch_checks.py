@@ -8,17 +8,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 import graphsched
 from graphsched.analysis.labels import GraphKind
 from graphsched.codegen.compiler import inductor_oracle_backend
-from graphsched.compat import dynamo_reset
 from graphsched.microbatch import micro_batched
-
-
-def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+from graphsched.testing.twins import compare_step, parameters_equal, train_side_by_side, twin_models
 
 
 def _collective_orders(model: torch.nn.Module) -> dict[str, dict[str, list[str]]]:
@@ -40,14 +35,10 @@ def _collective_orders(model: torch.nn.Module) -> dict[str, dict[str, list[str]]
 
 def _twin_models() -> tuple[Any, torch.nn.Module, torch.nn.Module]:
     """The tiny one-layer reference model twice from one seed: (config, eager, to be wrapped)."""
-    from graphsched.models import MoEGPT, get_preset
+    from graphsched.models import get_preset
 
-    dynamo_reset()
     config = get_preset("tiny").replace(n_layers=1, top_k=1, capacity_factor=0.5)
-    torch.manual_seed(0)
-    eager = MoEGPT(config, process_group=dist.group.WORLD)
-    torch.manual_seed(0)
-    return config, eager, MoEGPT(config, process_group=dist.group.WORLD)
+    return (config, *twin_models(config))
 
 
 def micro_batch_run(rank: int, codegen: str, cache_dir: str, steps: int) -> dict[str, Any]:
@@ -61,32 +52,12 @@ def micro_batch_run(rank: int, codegen: str, cache_dir: str, steps: int) -> dict
     # A slow link: overlapping one micro-batch's all-to-all with the other's compute pays.
     graphsched.wrap(model, schedule="ilp", codegen=codegen, micro_batches=2, cache_dir=cache_dir,
                     cost_fn=CommHeavyCosts(comm_s=2e-3))
-    opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
-    opt_m = torch.optim.SGD(model.parameters(), lr=0.1)
-    rows = []
-    for step in range(steps):
-        idx, tgt = make_batch(config, 4, seed=100 * step + rank)
-        opt_e.zero_grad(set_to_none=True)
-        opt_m.zero_grad(set_to_none=True)
-        loss_e = oracle(idx, tgt)
-        loss_e.backward()
-        loss_m = model(idx, tgt)
-        loss_m.backward()
-        ge, gm = _grads(eager), _grads(model)
-        rows.append({
-            "losses": (loss_e.item(), loss_m.item()),
-            "losses_equal": bool(torch.equal(loss_e.detach(), loss_m.detach())),
-            "grads_same_names": sorted(ge) == sorted(gm),
-            "grads_bitwise_equal": all(torch.equal(ge[n], gm[n]) for n in ge),
-            "max_grad_diff": max(((ge[n] - gm[n]).abs().max().item() for n in ge), default=0.0),
-        })
-        opt_e.step()
-        opt_m.step()
+    batches = (make_batch(config, 4, seed=100 * step + rank) for step in range(steps))
+    rows = train_side_by_side(oracle, eager, model, batches)
     graphs = graphsched.api.state_of(model).capture.graphs
     return {
         "steps": rows,
-        "params_bitwise_equal_after": all(
-            torch.equal(a, b) for a, b in zip(eager.parameters(), model.parameters())),
+        "params_bitwise_equal_after": parameters_equal(eager, model),
         "codegen": {g.name: g.codegen for g in graphs},
         "fallbacks": {g.name: g.fallback_reason for g in graphs if g.fallback_reason},
         "orders": _collective_orders(model),
@@ -113,9 +84,7 @@ def auto_run(rank: int, cache_dir: str) -> dict[str, Any]:
         ran = (1, 2)[call % 2] if call < deciding else int(state.micro_batch_choice.chosen)
         loss_e = micro_batched(eager, ran)(idx, tgt)
         loss_e.backward()
-        ge, gm = _grads(eager), _grads(model)
-        rows.append({"k": ran, "losses_equal": bool(torch.equal(loss_e.detach(), loss_m.detach())),
-                     "grads_bitwise_equal": sorted(ge) == sorted(gm) and all(torch.equal(ge[n], gm[n]) for n in ge)})
+        rows.append({"k": ran, **compare_step(loss_e, loss_m, eager, model)})
     record = graphsched.api.state_of(model).micro_batch_choice
     return {"steps": rows, "chosen": record.chosen, "timed": {k: len(v) for k, v in record.samples.items()},
             "explain": graphsched.explain(model, file=None)}

@@ -9,50 +9,23 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import torch
-import torch.distributed as dist
-
 import graphsched
 from graphsched.analysis.provenance import CostSource
-from graphsched.compat import dynamo_reset
-
-
-def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+from graphsched.testing.twins import train_side_by_side, twin_models
 
 
 def train_against_eager(
     rank: int, options: dict[str, Any], steps: int, cost_fn: Any = None, planner: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
-    """Train eager and wrapped twins ``steps`` steps; per step whether loss and every gradient are
-    bitwise equal, and, per graph, what profile-guided planning did."""
-    from graphsched.models import MoEGPT, get_preset, make_batch
+    """Train eager and wrapped twins ``steps`` steps; per step the comparison (``twins.compare_step``),
+    and, per graph, what profile-guided planning did."""
+    from graphsched.models import get_preset, make_batch
 
-    dynamo_reset()
     config = get_preset("tiny").replace(n_layers=1)
-    torch.manual_seed(0)
-    eager = MoEGPT(config, process_group=dist.group.WORLD)
-    torch.manual_seed(0)
-    model = MoEGPT(config, process_group=dist.group.WORLD)
+    eager, model = twin_models(config)
     graphsched.wrap(model, cost_fn=cost_fn, planner=planner, **options)
-    opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
-    opt_m = torch.optim.SGD(model.parameters(), lr=0.1)
-    out: dict[str, Any] = {"steps": []}
-    for step in range(steps):
-        idx, tgt = make_batch(config, 2, seed=100 * step + rank)
-        opt_e.zero_grad(set_to_none=True)
-        opt_m.zero_grad(set_to_none=True)
-        loss_e = eager(idx, tgt)
-        loss_e.backward()
-        loss_m = model(idx, tgt)
-        loss_m.backward()
-        ge, gm = _grads(eager), _grads(model)
-        out["steps"].append({
-            "loss_equal": bool(torch.equal(loss_e.detach(), loss_m.detach())),
-            "grads_equal": sorted(ge) == sorted(gm) and all(torch.equal(ge[n], gm[n]) for n in ge),
-        })
-        opt_e.step()
-        opt_m.step()
+    batches = (make_batch(config, 2, seed=100 * step + rank) for step in range(steps))
+    out: dict[str, Any] = {"steps": train_side_by_side(eager, eager, model, batches)}
     graphs = {}
     for g in graphsched.api.state_of(model).capture.graphs:
         if g.plan is None:
