@@ -172,13 +172,8 @@ def test_graphsched_collective_microbenchmark_runs_on_the_emulated_group(world):
     assert all(ab.alpha_s >= 0 and ab.beta_s_per_byte >= 0 for ab in model.per_kind.values())
 
 
-class _TwoSizes(nn.Module):
+class _TwoSizes(_Exchange):
     """Two all-to-alls of different sizes in the forward; only the first one's in the backward."""
-
-    def __init__(self, group: dist.ProcessGroup) -> None:
-        super().__init__()
-        self.group = group
-        self.lin = nn.Linear(4, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = funcol.all_to_all_single_autograd(self.lin(x), None, None, self.group)
