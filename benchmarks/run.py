@@ -61,28 +61,25 @@ def _graphsched_source_version() -> str:
     return f"{graphsched.__version__} (source tree)"
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
+    """The output of ``git args`` in the source tree, or None where git cannot say."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=os.path.dirname(RESULTS_DIR), capture_output=True,
-            text=True, timeout=5, check=False,
-        )
-        return out.stdout.strip() or None
+        out = subprocess.run(["git", *args], cwd=os.path.dirname(RESULTS_DIR), capture_output=True,
+                             text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def _git_commit() -> str | None:
+    return (_git("rev-parse", "HEAD") or "").strip() or None
 
 
 def _git_dirty() -> bool | None:
     """Whether tracked files differ from the commit ``_git_commit`` names (then that commit does not
     say what ran: the record's ``code_note`` must)."""
-    try:
-        out = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=os.path.dirname(RESULTS_DIR),
-            capture_output=True, text=True, timeout=10, check=False,
-        )
-        return bool(out.stdout.strip()) if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status.strip())
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -33,13 +33,9 @@ import graphsched
 from graphsched.analysis.labels import GraphKind
 from graphsched.codegen.compiler import inductor_oracle_backend
 from graphsched.compat import dynamo_reset
-from graphsched.models import MoEGPT, get_preset, make_batch
+from graphsched.models import get_preset, make_batch
 from graphsched.testing.inductor_checks import dw_kernels_in_code_windows
-
-
-def _build(config: Any, group: Any, device: torch.device) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return MoEGPT(config, process_group=group).to(device)
+from graphsched.testing.twins import build_model
 
 
 Run = tuple[list[float], list[dict[str, torch.Tensor]]]
@@ -49,7 +45,7 @@ def _variant(
     name: str, config: Any, group: Any, device: torch.device, cache_dir: str
 ) -> tuple[torch.nn.Module, Callable[..., Any]]:
     """(the module holding the parameters, what a step calls)."""
-    model = _build(config, group, device)
+    model = build_model(config, 0, group, device)
     if name == "torch.compile":
         return model, torch.compile(model, backend="inductor", dynamic=False)
     if name == "oracle":

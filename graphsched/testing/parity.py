@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from graphsched.testing.twins import build_model, parameters_equal
+
 
 @dataclass
 class ParitySpec:
@@ -75,13 +77,6 @@ class ParityResult:
         return max((abs(s.eager_loss - s.wrapped_loss) for s in self.steps), default=0.0)
 
 
-def _build(config: Any, seed: int, group: Any, device: torch.device) -> torch.nn.Module:
-    from graphsched.models import MoEGPT
-
-    torch.manual_seed(seed)
-    return MoEGPT(config, process_group=group).to(device)
-
-
 def _count_dropped(model: torch.nn.Module, idx: torch.Tensor) -> int:
     """Tokens the first MoE layer drops on this batch (to prove the tests exercise dropping)."""
     from graphsched.models import MoELayer
@@ -119,8 +114,8 @@ def run_parity(
     device = torch.device(spec.device if spec.device != "cuda" else f"cuda:{torch.cuda.current_device()}")
     config = get_preset(spec.preset).replace(**spec.model_overrides)
     group = dist.group.WORLD if dist.is_initialized() else None
-    eager = _build(config, spec.seed, group, device)
-    wrapped = _build(config, spec.seed, group, device)
+    eager = build_model(config, spec.seed, group, device)
+    wrapped = build_model(config, spec.seed, group, device)
     # Each mode against its own oracle: eager for the aten executor, torch.compile with inductor
     # (graphsched's partitioner and inductor settings, inductor's order) for codegen="inductor".
     options = {"codegen": "aten", **spec.wrap_options}
@@ -162,9 +157,7 @@ def run_parity(
         opt_w.step()
 
     result = ParityResult(rank=rank, steps=steps, timings=recorded)
-    result.params_bitwise_equal_after = all(
-        torch.equal(pe, pw) for pe, pw in zip(eager.parameters(), wrapped.parameters())
-    )
+    result.params_bitwise_equal_after = parameters_equal(eager, wrapped)
     idx, _ = make_batch(config, spec.batch_size, seed=spec.seed + 99 + rank, device=device)
     result.dropped_tokens = _count_dropped(eager, idx)
     if spec.check_inference:

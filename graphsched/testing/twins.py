@@ -16,15 +16,18 @@ import torch.distributed as dist
 from graphsched.compat import dynamo_reset
 
 
-def twin_models(config: Any, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The reference model twice from one seed on the world group: (oracle's model, to be wrapped)."""
+def build_model(config: Any, seed: int, group: Any, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The reference model from ``seed``: the same parameters wherever it is built with that seed."""
     from graphsched.models import MoEGPT
 
+    torch.manual_seed(seed)
+    return MoEGPT(config, process_group=group).to(device)
+
+
+def twin_models(config: Any, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The reference model twice from one seed on the world group: (oracle's model, to be wrapped)."""
     dynamo_reset()
-    torch.manual_seed(seed)
-    oracle = MoEGPT(config, process_group=dist.group.WORLD)
-    torch.manual_seed(seed)
-    return oracle, MoEGPT(config, process_group=dist.group.WORLD)
+    return build_model(config, seed, dist.group.WORLD), build_model(config, seed, dist.group.WORLD)
 
 
 def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -52,7 +55,8 @@ def step_is_bitwise_equal(row: dict[str, Any]) -> bool:
 
 
 def parameters_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    return all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters()))
+    pa, pb = list(a.parameters()), list(b.parameters())
+    return len(pa) == len(pb) and all(torch.equal(x, y) for x, y in zip(pa, pb))
 
 
 def train_side_by_side(
